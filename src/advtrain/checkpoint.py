@@ -1,0 +1,65 @@
+"""Checkpoints: the per-epoch training state (for resume) and the final model file (for evaluation).
+
+Both are written atomically and loaded with `weights_only=True`. The model file records the architecture, dataset
+and method, so loading it into the wrong model gives one clear line instead of a size-mismatch traceback."""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .io import save_torch
+
+FORMAT = 1
+
+
+def _load(path: Path, what: str, fix: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {first[:120]}): {fix}") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise UserError(f"{path}: not an advtrain {what} (format {FORMAT}): {fix}")
+    return obj
+
+
+def save_training_state(path: str | Path, state: dict) -> None:
+    save_torch(path, {"format": FORMAT, "kind": "training_state", **state})
+
+
+def load_training_state(path: str | Path) -> dict | None:
+    """The saved state, or None if there is none. A corrupt file is reported (and training starts afresh)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return _load(path, "training checkpoint", "it will be replaced by a fresh run")
+    except UserError as e:
+        print(f"warning: {e}", flush=True)
+        return None
+
+
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(path, {"format": FORMAT, "kind": "model", "meta": meta, "model": state})
+
+
+def load_model(path: str | Path, expect: dict | None = None) -> tuple[dict, dict]:
+    """(meta, state_dict) of a model file; `expect` (e.g. {"dataset": "cifar10"}) must match its meta."""
+    path = Path(path)
+    fix = f"retrain it (`snakemake -R train {path}` or `advtrain train ...`)"
+    if not path.exists():
+        raise UserError(f"{path}: model file missing: train it first (`snakemake --cores 1 {path}`)")
+    obj = _load(path, "model checkpoint", fix)
+    if obj.get("kind") != "model":
+        raise UserError(f"{path}: holds a {obj.get('kind')}, not a trained model: {fix}")
+    meta = obj["meta"]
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise UserError(f"{path}: was trained with {key}={meta.get(key)!r}, but {want!r} is expected here: "
+                            f"evaluate it with the settings it was trained with, or {fix}")
+    return meta, obj["model"]

@@ -1,0 +1,217 @@
+"""`advtrain`: one command, one sub-command per pipeline stage. Snakemake and DVC both call exactly these.
+
+  advtrain prepare DATASET            -> data/prepared/DATASET/{train.pt,test.pt,meta.json}
+  advtrain train METHOD DATASET       -> models/METHOD_DATASET.pt, metrics/train/METHOD_DATASET.json
+  advtrain evaluate METHOD DATASET    -> results/METHOD_DATASET.json
+  advtrain report                     -> reports/report.html, reports/report.md
+  advtrain check                      validate params.yaml and list the configured runs
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+# The path conventions, in one place (the Snakefile and dvc.yaml spell the same patterns).
+def prepared_dir(dataset: str) -> Path:
+    return Path("data/prepared") / dataset
+
+
+def model_path(method: str, dataset: str) -> Path:
+    return Path("models") / f"{method}_{dataset}.pt"
+
+
+def train_metrics_path(method: str, dataset: str) -> Path:
+    return Path("metrics/train") / f"{method}_{dataset}.json"
+
+
+def result_path(method: str, dataset: str) -> Path:
+    return Path("results") / f"{method}_{dataset}.json"
+
+
+def checkpoint_path(method: str, dataset: str) -> Path:
+    """The resumable training state: deliberately NOT a declared output (Snakemake and DVC delete those)."""
+    return Path("checkpoints") / f"{method}_{dataset}.pt"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("torchvision", "pyautoattack", "mlflow"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return out
+
+
+def cmd_prepare(args) -> None:
+    from .data import prepare
+
+    meta = prepare(args.dataset, args.out or prepared_dir(args.dataset), args.raw)
+    log(f"[prepare] {args.dataset}: {meta['n_train']} train / {meta['n_test']} test images "
+        f"{'x'.join(map(str, meta['shape']))} from {meta['source']['how']} -> {args.out or prepared_dir(args.dataset)}")
+
+
+def cmd_train(args) -> None:
+    from .checkpoint import save_model
+    from .config import Params
+    from .data import load_split
+    from .io import write_json
+    from .tracking import TrainingTracker, tracking_uri
+    from .trainer import Trainer
+
+    cfg = Params.load(args.params).resolve(args.method, args.dataset)
+    images, labels, meta = load_split(prepared_dir(args.dataset), "train")
+    tracker = TrainingTracker(cfg.experiment, log=log)
+    trainer = Trainer(cfg, images, labels, checkpoint_path(args.method, args.dataset), callbacks=[tracker], log=log)
+    history = trainer.fit(resume=not args.restart)
+    totals = {"seconds": sum(h["seconds"] for h in history), "passes": sum(h["passes"] for h in history),
+              "optimizer_steps": sum(h["optimizer_steps"] for h in history), "epochs": len(history)}
+    model_meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
+                  "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"], "eps": cfg.eps,
+                  "fingerprint": cfg.train_fingerprint(), "mlflow_run_id": trainer.run_id, "train": totals,
+                  "data_sha256": meta["sha256"]["train.pt"]}
+    save_model(model_path(args.method, args.dataset), trainer.model, model_meta)
+    mpath = train_metrics_path(args.method, args.dataset)
+    write_json(mpath, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "params": cfg.flat_params(),
+                       "device": str(trainer.device), "bf16": trainer.use_bf16, "totals": totals,
+                       "mlflow_run_id": trainer.run_id, "mlflow_tracking_uri": tracking_uri(), "versions": versions(),
+                       "epochs": history})
+    tracker.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=len(history), prefix="train_")
+    tracker.log_artifacts([mpath])
+    tracker.finish()
+    log(f"[train] {cfg.name}: {totals['epochs']} epochs, {totals['passes']} forward/backward passes, "
+        f"{totals['seconds']:.1f}s -> {model_path(args.method, args.dataset)}")
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from .checkpoint import load_model
+    from .config import Params
+    from .data import load_split
+    from .evaluate import evaluate
+    from .io import write_json
+    from .models import build_model
+    from .tracking import Tracker
+    from .trainer import pick_device
+
+    cfg = Params.load(args.params).resolve(args.method, args.dataset)
+    mpath = model_path(args.method, args.dataset)
+    meta, state = load_model(mpath, expect={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
+    info = cfg.info
+    model = build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{mpath}: its weights do not fit a {cfg.model} ({str(e).splitlines()[0][:150]}): retrain it") from None
+    images, labels, _ = load_split(prepared_dir(args.dataset), "test")
+    ev = cfg.evaluation
+    n = min(ev["n_points"] or len(labels), len(labels))
+    x, y = images[:n].float().div(255), labels[:n]
+    device = pick_device(ev["device"])
+    torch.manual_seed(cfg.seed)
+    log(f"[evaluate] {cfg.name}: {n} test points, eps {cfg.eps:.4g}, AutoAttack {ev['autoattack']}, on {device}")
+    t0 = time.perf_counter()
+    res = evaluate(model, x, y, cfg.eps, ev, cfg.seed, device, log)
+    record = {
+        "method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "threat_model": "Linf", "eps": cfg.eps,
+        **res,
+        "train": meta.get("train", {}),
+        "eval_seconds": time.perf_counter() - t0,
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "versions": versions(),
+    }
+    rpath = result_path(args.method, args.dataset)
+    write_json(rpath, record)
+    tracker = Tracker(cfg.experiment, log=log)
+    if tracker.open_run(cfg.name, meta.get("mlflow_run_id"), tags={"method": cfg.method, "dataset": cfg.dataset}):
+        flat = {"eval_clean_acc": res["clean_acc"], "eval_robust_acc": res["robust_acc"], "eval_n_points": n}
+        if "pgd" in res:
+            flat["eval_pgd_acc"] = res["pgd"]["acc"]
+        for attack, acc in res.get("autoattack", {}).get("robust_acc_after", {}).items():
+            flat[f"eval_aa_{attack}"] = acc
+        if "autoattack" in res:
+            flat["eval_autoattack_acc"] = res["autoattack"]["robust_acc"]
+        tracker.log_metrics(flat)
+        tracker.log_artifacts([rpath])
+        tracker.finish()
+    aa = f", AutoAttack {100 * res['autoattack']['robust_acc']:.2f}%" if "autoattack" in res else ""
+    log(f"[evaluate] {cfg.name}: clean {100 * res['clean_acc']:.2f}%{aa}, robust (min over attacks) "
+        f"{100 * res['robust_acc']:.2f}% -> {rpath}")
+
+
+def cmd_report(args) -> None:
+    from .config import Params
+    from .report import build_report
+
+    params = Params.load(args.params)
+    runs = params.runs
+    if not runs:
+        raise UserError(f"{args.params}: `runs` is empty: list the (method, dataset) pairs the report should compare")
+    missing = [str(result_path(m, d)) for m, d in runs if not result_path(m, d).exists()]
+    if missing:
+        raise UserError(f"missing results: {', '.join(missing)}: run `snakemake --cores 2 reports/report.html` "
+                        "(or `dvc repro`) to compute them")
+    html, md = build_report(runs, Path(args.out))
+    log(f"[report] {len(runs)} runs -> {html}, {md}")
+
+
+def cmd_check(args) -> None:
+    from .config import Params
+
+    params = Params.load(args.params)
+    for m, d in params.runs:
+        params.resolve(m, d)
+    log(f"{args.params}: valid; runs: " + (", ".join(f"{m}_{d}" for m, d in params.runs) or "none"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="advtrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="the settings file (default: params.yaml)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="fetch/verify a dataset and store it as uint8 tensors")
+    p.add_argument("dataset")
+    p.add_argument("--out", help="output folder (default: data/prepared/DATASET)")
+    p.add_argument("--raw", default="data/raw", help="where downloads go (default: data/raw)")
+    p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("train", help="train METHOD on DATASET (resumes from its last completed epoch)")
+    p.add_argument("method")
+    p.add_argument("dataset")
+    p.add_argument("--restart", action="store_true", help="ignore a saved training state and start afresh")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("evaluate", help="clean, PGD and AutoAttack accuracy of a trained model")
+    p.add_argument("method")
+    p.add_argument("dataset")
+    p.set_defaults(fn=cmd_evaluate)
+    p = sub.add_parser("report", help="HTML + Markdown report over every configured run")
+    p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("check", help="validate params.yaml")
+    p.set_defaults(fn=cmd_check)
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

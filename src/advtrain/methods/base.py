@@ -1,0 +1,41 @@
+"""The contract between the trainer and a training method.
+
+The trainer owns the loop (data, learning-rate schedule, precision, checkpoints, metrics); a method owns one
+minibatch's work: it crafts its inputs (using the trainer's `attack_mode()` and `autocast`), then calls
+`trainer.update(inputs, loss_fn)` once per optimizer step and `trainer.record(...)` for the epoch's accuracies.
+Adding a method = one new file here + one line in METHODS (methods/__init__.py).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class Method:
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Any]] = {}  # setting -> config check (see config.py); validated on load
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.p = cfg.method_params
+        self.eps = cfg.eps
+        self.alpha = self.p.get("alpha") or cfg.alpha
+
+    def step(self, trainer, x: torch.Tensor, y: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def attack_steps(self) -> int:
+        """The attack iterations (or replays) per minibatch now in use, logged each epoch."""
+        return 0
+
+    def end_epoch(self, epoch: int, metrics: dict) -> dict:
+        """Called after each epoch with its metrics (grad_l1 among them); returns extra metrics to log."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,19 @@
+"""A LeNet-size CNN for 28x28 inputs (Fashion-MNIST): two conv + pool stages and two linear layers, small enough to
+adversarially train on two CPU cores in minutes (about 3M multiply-adds per image at width 16, kernel 5)."""
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128, kernel: int = 5):
+        super().__init__()
+        pad = kernel // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 14x14
+            nn.Conv2d(width, 2 * width, kernel, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 7x7
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))

@@ -1,0 +1,136 @@
+"""The report: per dataset, a table of every configured run and plots of the training curves and of robust
+accuracy against training time. reports/report.html is self-contained (plots embedded as base64 PNG);
+reports/report.md links the same plots from reports/figures/."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+
+from .io import write_text
+
+CURVES = [  # (metric key in the per-epoch record, axis label, scale)
+    ("loss", "training loss", "linear"),
+    ("adv_acc", "adversarial training accuracy", "linear"),
+    ("clean_acc", "clean training accuracy", "linear"),
+    ("grad_l1", "input-gradient magnitude (L1, summed over the epoch)", "log"),
+    ("attack_steps", "attack steps / replays per batch", "linear"),
+    ("seconds", "seconds per epoch", "linear"),
+]
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f}"
+
+
+def _load_runs(runs: list[tuple[str, str]]) -> list[dict]:
+    from .cli import result_path, train_metrics_path
+
+    out = []
+    for method, dataset in runs:
+        res = json.loads(result_path(method, dataset).read_text())
+        mpath = train_metrics_path(method, dataset)
+        res["curves"] = json.loads(mpath.read_text())["epochs"] if mpath.exists() else []
+        out.append(res)
+    return out
+
+
+def _row(r: dict) -> list[str]:
+    aa = r.get("autoattack", {})
+    tr = r.get("train", {})
+    return [r["method"], r["model"], str(r["n_points"]), _pct(r["clean_acc"]),
+            _pct(r.get("pgd", {}).get("acc")), _pct(aa.get("robust_acc")), _pct(r["robust_acc"]),
+            f"{tr.get('seconds', float('nan')):.0f}", str(tr.get("passes", "–")), str(tr.get("epochs", "–"))]
+
+
+HEADER = ["method", "model", "points", "clean %", "PGD %", "AutoAttack %", "robust (min) %", "train s", "passes", "epochs"]
+
+
+def _figures(dataset: str, rows: list[dict]):
+    """Yield (name, title, PNG bytes) for one dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, label, scale) in zip(axes.flat, CURVES):
+        for r in rows:
+            pts = [(c["epoch"], c[key]) for c in r["curves"] if c.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=r["method"])
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("epoch")
+        if scale == "log" and any(c.get(key) for r in rows for c in r["curves"]):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{dataset}: per-epoch training curves")
+    yield f"{dataset}_curves", f"{dataset}: per-epoch training curves", png(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in rows:
+        acc = r.get("autoattack", {}).get("robust_acc", r["robust_acc"])
+        ax.scatter(r.get("train", {}).get("seconds", 0), 100 * acc, s=40)
+        ax.annotate(r["method"], (r.get("train", {}).get("seconds", 0), 100 * acc), textcoords="offset points",
+                    xytext=(5, 4), fontsize=9)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("AutoAttack robust accuracy (%)")
+    ax.set_title(f"{dataset}: robustness against training time")
+    ax.grid(alpha=0.3)
+    yield f"{dataset}_time", f"{dataset}: robust accuracy against training time", png(fig)
+
+
+def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path]:
+    results = _load_runs(runs)
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig_dir = out_dir / "figures"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = [f"# Adversarial training report", "", f"Generated {stamp} by `advtrain report`.", ""]
+    body = [f"<h1>Adversarial training report</h1><p class=meta>Generated {stamp} by <code>advtrain report</code>.</p>"]
+    for ds in datasets:
+        rows = [r for r in results if r["dataset"] == ds]
+        eps = rows[0]["eps"]
+        aa_versions = sorted({r.get("autoattack", {}).get("version", "off") for r in rows})
+        threat = (f"L-inf, eps = {eps:.4g} (images in [0, 1]); AutoAttack version: {', '.join(aa_versions)}; "
+                  f"PGD: {rows[0].get('pgd', {}).get('steps', '–')} steps x {rows[0].get('pgd', {}).get('restarts', '–')} restarts")
+        md += [f"## {ds}", "", threat, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        md += ["| " + " | ".join(_row(r)) + " |" for r in rows]
+        body.append(f"<h2>{html.escape(ds)}</h2><p>{html.escape(threat)}</p><table><thead><tr>"
+                    + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(r)) + "</tr>" for r in rows)
+                    + "</tbody></table>")
+        breakdown = [r for r in rows if r.get("autoattack")]
+        if breakdown:
+            md += ["", "Robust accuracy (%) after each AutoAttack stage:", ""]
+            for r in breakdown:
+                stages = ", ".join(f"{a} {_pct(v)}" for a, v in r["autoattack"]["robust_acc_after"].items())
+                md.append(f"- {r['method']}: clean {_pct(r['clean_acc'])} → {stages}")
+                body.append(f"<p class=stages><b>{html.escape(r['method'])}</b>: clean {_pct(r['clean_acc'])} → "
+                            f"{html.escape(stages)}</p>")
+        md.append("")
+        for name, title, data in _figures(ds, rows):
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            (fig_dir / f"{name}.png").write_bytes(data)
+            md += [f"![{title}](figures/{name}.png)", ""]
+            body.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,"
+                        f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(title)}</figcaption></figure>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
+             "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}"
+             "figure{margin:1.5em 0}figcaption{color:#666;font-size:90%}.meta{color:#666}")
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>Adversarial training report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    html_path, md_path = out_dir / "report.html", out_dir / "report.md"
+    write_text(html_path, page)
+    write_text(md_path, "\n".join(md) + "\n")
+    return html_path, md_path

@@ -1,0 +1,129 @@
+"""MLflow adapter: one run per (method, dataset); training logs params and per-epoch metrics (step = epoch),
+evaluation logs its metrics and files into the same run.
+
+Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db (MLflow 3 refuses the plain ./mlruns file store).
+An unreachable store never stops training: it warns once and the local metrics JSON stays the record."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """Talks to MLflow through its client API (no global active run). All failures degrade to one warning."""
+
+    def __init__(self, experiment: str, log=print):
+        self.experiment = experiment
+        self.log = log
+        self.client = None
+        self.run_id: str | None = None
+        self.disabled = False
+
+    def _warn(self, what: str, e: Exception) -> None:
+        if not self.disabled:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            self.log(f"warning: MLflow tracking at {tracking_uri()} failed while {what} ({first}); "
+                     "continuing without it: the metrics JSON files keep the record")
+        self.disabled = True
+
+    def _connect(self):
+        if self.client is None:
+            _quiet_mlflow()
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri())
+        return self.client
+
+    def open_run(self, name: str, run_id: str | None = None, tags: dict | None = None) -> str | None:
+        """Reopen `run_id` if it exists in the store, else start a new run called `name`."""
+        if self.disabled:
+            return None
+        try:
+            client = self._connect()
+            if run_id:
+                try:
+                    client.get_run(run_id)
+                    client.update_run(run_id, status="RUNNING")
+                    self.run_id = run_id
+                    return run_id
+                except Exception:
+                    self.log(f"MLflow run {run_id} not found in {tracking_uri()}; starting a new one")
+            exp = client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
+            self.run_id = client.create_run(exp_id, run_name=name, tags=tags or {}).info.run_id
+            return self.run_id
+        except Exception as e:
+            self._warn("opening a run", e)
+            return None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.disabled or not self.run_id:
+            return
+        from mlflow.entities import Param
+
+        try:
+            existing = self.client.get_run(self.run_id).data.params
+            new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+            for i in range(0, len(new), 100):
+                self.client.log_batch(self.run_id, params=new[i:i + 100])
+        except Exception as e:
+            self._warn("logging params", e)
+
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0, prefix: str = "") -> None:
+        if self.disabled or not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        rows = [Metric(prefix + k, float(v), ts, step) for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        try:
+            self.client.log_batch(self.run_id, metrics=rows)
+        except Exception as e:
+            self._warn("logging metrics", e)
+
+    def log_artifacts(self, paths: list[str | Path], folder: str | None = None) -> None:
+        if self.disabled or not self.run_id:
+            return
+        try:
+            for p in paths:
+                if Path(p).exists():
+                    self.client.log_artifact(self.run_id, str(p), folder)
+        except Exception as e:
+            self._warn("logging artifacts", e)
+
+    def finish(self) -> None:
+        if self.disabled or not self.run_id:
+            return
+        try:
+            self.client.set_terminated(self.run_id)
+        except Exception as e:
+            self._warn("closing the run", e)
+
+
+class TrainingTracker(Tracker):
+    """A trainer callback: params at the start, every epoch's metrics, the run id kept in the checkpoint."""
+
+    def on_start(self, trainer, resumed: bool) -> None:
+        cfg = trainer.cfg
+        trainer.run_id = self.open_run(cfg.name, trainer.run_id if resumed else None,
+                                       tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
+        self.log_params({**cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16})
+
+    def on_epoch(self, trainer, metrics: dict) -> None:
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"], prefix="train_")

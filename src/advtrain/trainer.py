@@ -1,0 +1,225 @@
+"""The epoch loop every method shares: data on the device, learning-rate schedule, precision, checkpoint/resume,
+per-epoch metrics. It does not import mlflow: tracking comes in through `callbacks` (see tracking.py)."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig
+from .data import DeviceLoader
+from .errors import UserError
+from .methods import METHODS
+from .models import build_model
+
+
+class Callbacks(Protocol):
+    def on_start(self, trainer: "Trainer", resumed: bool) -> None: ...
+    def on_epoch(self, trainer: "Trainer", metrics: dict) -> None: ...
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise UserError("device is 'cuda' in params.yaml but no CUDA GPU is visible: set it to 'auto' or 'cpu'")
+    return torch.device("cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def lr_at(progress: float, tr: dict) -> float:
+    """The learning rate at a point of training, progress in [0, 1] (fraction of the data passes done).
+
+    Stepped per optimizer step: methods that replay a minibatch advance progress inside the batch."""
+    lr = tr["lr"]
+    if tr["schedule"] == "piecewise":
+        return lr * tr["lr_decay"] ** sum(progress >= m for m in tr["milestones"])
+    if tr["schedule"] == "cyclic":  # 0 -> lr at cyclic_peak -> 0 (Wong et al.'s fast AT)
+        peak = tr["cyclic_peak"]
+        return lr * (progress / peak if progress < peak else max(0.0, (1 - progress) / (1 - peak)))
+    return lr
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
+                 checkpoint_path: str | Path, callbacks: list[Callbacks] = (), log: Callable[[str], None] = print):
+        self.cfg, self.tr = cfg, cfg.training
+        self.log = log
+        self.callbacks = list(callbacks)
+        self.checkpoint_path = Path(checkpoint_path)
+        self.device = pick_device(self.tr["device"])
+        cuda = self.device.type == "cuda"
+        self.use_bf16 = self.tr["precision"] == "bf16" or (self.tr["precision"] == "auto" and cuda)
+        self.channels_last = self.tr["channels_last"] is True or (self.tr["channels_last"] == "auto" and cuda)
+
+        torch.manual_seed(cfg.seed)
+        if self.tr["train_subset"]:
+            train_images, train_labels = train_images[: self.tr["train_subset"]], train_labels[: self.tr["train_subset"]]
+        self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
+                                   crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
+                                   channels_last=self.channels_last)
+        info = cfg.info
+        self.model = build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **cfg.model_kwargs)
+        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
+                                         weight_decay=self.tr["weight_decay"], foreach=True)
+        self.method = METHODS[cfg.method](cfg)
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+        self.run_id: str | None = None  # MLflow run, kept in the checkpoint so a resumed run logs into the same one
+        self._batch = 0  # global minibatch index, for the schedule
+
+    # --- what methods call ------------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def attack_mode(self, mode: str = "eval"):
+        """Craft attacks with BN in eval mode (statistics untouched by attack passes), or in train mode."""
+        self.model.train(mode == "train")
+        try:
+            yield
+        finally:
+            self.model.train(True)
+
+    def count_attack_passes(self, n: int) -> None:
+        self._passes += n
+
+    def update(self, inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+               within_batch: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward + backward + optimizer step on `inputs` (model in train mode). The backward also yields the
+        input gradient, whose L1 norm is accumulated for the epoch's gradient magnitude at no extra pass.
+        Returns (logits, loss); the input gradient is left in `self.input_grad`."""
+        inputs = inputs.detach().requires_grad_(True)
+        with self.autocast():
+            logits = self.model(inputs)
+        loss = loss_fn(logits.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.input_grad = inputs.grad
+        self._acc["grad_l1"] += inputs.grad.detach().abs().sum(dtype=torch.float32)
+        self._acc["finite"] &= torch.isfinite(loss.detach())
+        progress = (self._batch + within_batch) / (self.tr["epochs"] * len(self.loader))
+        lr = lr_at(progress, self.tr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self._passes += 1
+        self._steps += 1
+        return logits, loss
+
+    def record(self, loss: torch.Tensor, clean=None, adv=None) -> None:
+        """Accumulate a minibatch's loss and accuracies on the device (no host synchronisation)."""
+        a = self._acc
+        n = sum(len(p[1]) for p in (clean, adv) if p is not None)
+        a["loss"] += loss.detach().float() * n
+        a["n"] += n
+        for key, part in (("clean", clean), ("adv", adv)):
+            if part is not None and len(part[1]):
+                logits, y = part
+                a[f"{key}_correct"] += (logits.detach().argmax(1) == y).sum()
+                a[f"{key}_n"] += len(y)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "fingerprint": self.cfg.train_fingerprint(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "loader_rng": self.loader.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "history": self.history,
+            "run_id": self.run_id,
+        }
+
+    def load_state_dict(self, s: dict) -> None:
+        self.model.load_state_dict(s["model"])
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.method.load_state_dict(s["method"])
+        self.loader.generator.set_state(s["loader_rng"])
+        torch.set_rng_state(s["torch_rng"])
+        if s.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(s["cuda_rng"])
+        self.epoch, self.history, self.run_id = s["epoch"], s["history"], s["run_id"]
+
+    def try_resume(self) -> bool:
+        """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
+        state = checkpoint.load_training_state(self.checkpoint_path)
+        if state is None:
+            return False
+        if state.get("fingerprint") != self.cfg.train_fingerprint():
+            self.log(f"[{self.cfg.name}] {self.checkpoint_path} is from other settings; starting afresh")
+            return False
+        self.load_state_dict(state)
+        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.tr['epochs']} from {self.checkpoint_path}")
+        return True
+
+    def fit(self, resume: bool = True) -> list[dict]:
+        resumed = resume and self.try_resume()
+        for cb in self.callbacks:
+            cb.on_start(self, resumed)
+        epochs = self.tr["epochs"]
+        self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}, bf16={self.use_bf16}, "
+                 f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")
+        while self.epoch < epochs:
+            metrics = self._run_epoch(self.epoch)
+            self.epoch += 1
+            self.history.append(metrics)
+            checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
+            for cb in self.callbacks:
+                cb.on_epoch(self, metrics)
+        return self.history
+
+    def _run_epoch(self, epoch: int) -> dict:
+        dev = self.device
+        zeros = lambda dtype=torch.float32: torch.zeros((), device=dev, dtype=dtype)  # noqa: E731
+        self._acc = {"loss": zeros(), "n": 0, "grad_l1": zeros(), "finite": torch.ones((), dtype=torch.bool, device=dev),
+                     "clean_correct": zeros(torch.long), "clean_n": 0, "adv_correct": zeros(torch.long), "adv_n": 0}
+        self._passes = self._steps = 0
+        steps_in_use = self.method.attack_steps()
+        self.model.train()
+        n_batches = len(self.loader)
+        report_every = max(1, n_batches // 4)
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(self.loader):
+            self._batch = epoch * n_batches + i
+            self.method.step(self, x, y)
+            if (i + 1) % report_every == 0 and i + 1 < n_batches:
+                rate = (i + 1) * self.tr["batch_size"] / (time.perf_counter() - t0)
+                self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.tr['epochs']}  batch {i + 1}/{n_batches}  "
+                         f"{rate:.0f} img/s")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        a = self._acc
+        if not bool(a["finite"]):
+            raise UserError(f"{self.cfg.name}: the loss became NaN/inf in epoch {epoch + 1}; the last good checkpoint "
+                            f"(epoch {self.epoch}) is kept at {self.checkpoint_path}: lower training.lr or check the data")
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": a["loss"].item() / max(1, a["n"]),
+            "clean_acc": a["clean_correct"].item() / a["clean_n"] if a["clean_n"] else None,
+            "adv_acc": a["adv_correct"].item() / a["adv_n"] if a["adv_n"] else None,
+            "grad_l1": a["grad_l1"].item(),
+            "attack_steps": steps_in_use,
+            "passes": self._passes,
+            "optimizer_steps": self._steps,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+            "images_per_s": a["n"] / seconds if seconds > 0 else math.nan,
+        }
+        metrics.update(self.method.end_epoch(epoch, metrics))
+        pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
+        self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.tr['epochs']}  loss {metrics['loss']:.4f}  "
+                 f"clean {pct(metrics['clean_acc'])}  adv {pct(metrics['adv_acc'])}  |grad|_1 {metrics['grad_l1']:.4g}  "
+                 f"steps {steps_in_use}  passes {self._passes}  {seconds:.1f}s")
+        return metrics

@@ -1,0 +1,89 @@
+"""Shared fixtures: a throwaway copy of the project (Snakefile, workflow/, dvc.yaml, a tiny params.yaml) inside a
+fresh git + DVC repository, and helpers that run the real command-line tools in it."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: advtrain, snakemake, dvc
+FASHION = Path(os.environ.get("ADVTRAIN_FASHIONMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+# Small enough for two CPU cores in about a minute per workflow run, large enough that PGD-AT visibly helps.
+TINY = {
+    "runs": {"methods": ["standard", "pgd"], "datasets": ["fashionmnist"]},
+    "datasets": {"fashionmnist": {
+        "model": "small_cnn", "eps": 0.1, "alpha": 0.025, "augment": {"crop": 0, "flip": False},
+        "training": {"epochs": 2, "batch_size": 100, "lr": 0.05, "train_subset": 3000},
+        "evaluation": {"n_points": 100, "autoattack": "fast", "pgd_steps": 10},
+    }},
+    "models": {"small_cnn": {"width": 8, "hidden": 64, "kernel": 3}},
+    "methods": {"pgd": {"steps": 3}},
+}
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e["DVC_NO_ANALYTICS"] = "1"
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_project(path: Path, overrides: dict | None = None) -> Path:
+    """A git + DVC repo holding the workflow and params.yaml (the repo's own, with TINY and `overrides` applied)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("Snakefile", "dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, path / name)
+    shutil.copytree(ROOT / "workflow", path / "workflow")
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), deep_update(TINY, overrides or {}))
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], path)
+    run(["dvc", "init", "-q"], path)
+    run(["dvc", "config", "core.analytics", "false"], path)
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _needs_fashion_mnist():
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.exit(f"Fashion-MNIST not found at {FASHION}: `make test` installs it (apt-get install dataset-fashion-mnist)",
+                    returncode=2)
+
+
+@pytest.fixture(scope="session")
+def snakemake_project(tmp_path_factory) -> Path:
+    """The whole workflow run once with Snakemake on the tiny configuration; several tests read its outputs."""
+    proj = make_project(tmp_path_factory.mktemp("snake"))
+    p = run([str(BIN / "snakemake"), "--cores", "2"], proj)
+    (proj / "snakemake.log").write_text(p.stdout + p.stderr)
+    return proj
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A project folder with Fashion-MNIST prepared (no training)."""
+    proj = make_project(tmp_path_factory.mktemp("prepared"))
+    run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
+    return proj

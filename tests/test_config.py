@@ -1,0 +1,50 @@
+"""params.yaml validation: a bad value gets one clear line naming the key; the repo's own file is valid."""
+import pytest
+import yaml
+
+from advtrain.config import ConfigError, Params
+from conftest import ROOT
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_are_valid_and_resolve():
+    p = Params(base())
+    cfg = p.resolve("pgd", "fashionmnist")
+    assert cfg.eps == 0.1 and cfg.method_params["steps"] == 5  # the per-dataset override
+    cifar = p.resolve("pgd", "cifar10")
+    assert cifar.eps == pytest.approx(8 / 255) and cifar.method_params["steps"] == 10
+    assert cifar.training["epochs"] == 200 and cifar.training["momentum"] == 0.9  # dataset override + defaults
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("training", "lr"), -0.1, "training.lr must be a number > 0"),
+    (("datasets", "fashionmnist", "eps"), -0.1, "datasets.fashionmnist.eps must be a number > 0"),
+    (("datasets", "fashionmnist", "eps"), 1.5, "datasets.fashionmnist.eps"),
+    (("datasets", "cifar10", "eps"), "8/0", "datasets.cifar10.eps"),
+    (("training", "epochs"), 2.5, "training.epochs must be an integer"),
+    (("training", "schedule"), "cosine", "training.schedule must be one of"),
+    (("training", "lrr"), 0.1, "unknown key 'training.lrr'"),
+    (("methods", "pgd", "fraction"), 1.2, "methods.pgd.fraction"),
+    (("runs", "methods"), ["pgd", "madry"], "runs.methods[1] must be one of"),
+    (("datasets", "fashionmnist", "model"), "preact_resnet18", "does not fit fashionmnist"),
+    (("models", "wide_resnet", "depth"), 30, "models.wide_resnet.depth must be 6n+4"),
+])
+def test_invalid_values_name_the_key(path, value, needle):
+    raw = base()
+    node = raw
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError) as e:
+        Params(raw)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg, msg
+
+
+def test_fractions_are_accepted():
+    raw = base()
+    raw["datasets"]["cifar10"]["eps"] = "16/255"
+    assert Params(raw).resolve("pgd", "cifar10").eps == pytest.approx(16 / 255)

@@ -1,0 +1,55 @@
+"""Bad input through the real command line: one clear line on stderr (no traceback), exit code 2, nothing lost."""
+import shutil
+import subprocess
+
+import yaml
+
+from conftest import BIN, FASHION, env, run
+
+
+def _cli(proj, *args):
+    return run([str(BIN / "advtrain"), *args], proj, check=False)
+
+
+def _one_clear_line(p, *needles):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    err = p.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_corrupt_prepared_file_is_refused(prepared, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(prepared, proj)
+    train = proj / "data/prepared/fashionmnist/train.pt"
+    train.write_bytes(train.read_bytes()[:1000])  # truncated
+    p = _cli(proj, "train", "pgd", "fashionmnist")
+    _one_clear_line(p, "train.pt: corrupt", "advtrain prepare fashionmnist")
+    assert (proj / "data/prepared/fashionmnist/test.pt").exists()  # nothing else touched
+
+
+def test_corrupt_source_archive_is_refused(tmp_path):
+    src = tmp_path / "fmnist"
+    shutil.copytree(FASHION, src)
+    data = (src / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (src / "t10k-labels-idx1-ubyte.gz").write_bytes(data[: len(data) // 2])  # a truncated download
+    e = env()
+    e["ADVTRAIN_FASHIONMNIST_DIR"] = str(src)
+    p = subprocess.run([str(BIN / "advtrain"), "prepare", "fashionmnist", "--out", str(tmp_path / "out")],
+                       cwd=tmp_path, env=e, capture_output=True, text=True)
+    _one_clear_line(p, "t10k-labels-idx1-ubyte.gz", "corrupt")
+    assert not (tmp_path / "out" / "meta.json").exists()  # no half-prepared folder a later stage could take
+
+
+def test_invalid_parameter_and_unknown_method(prepared, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(prepared, proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["training"]["lr"] = -1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    _one_clear_line(_cli(proj, "train", "pgd", "fashionmnist"), "training.lr must be a number > 0")
+    params["training"]["lr"] = 0.1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    _one_clear_line(_cli(proj, "train", "madry", "fashionmnist"), "unknown method 'madry'", "known:")
+    _one_clear_line(_cli(proj, "evaluate", "pgd", "fashionmnist"), "models/pgd_fashionmnist.pt", "train it first")

@@ -1,0 +1,86 @@
+"""The real workflow tools on the tiny configuration: Snakemake end to end, DVC's selective rerun, the two front ends
+in step, MLflow holding what was logged, and the CIFAR-10 job graph planned."""
+import json
+import re
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, make_project, run
+
+
+def test_snakemake_end_to_end(snakemake_project):
+    proj = snakemake_project
+    results = {m: json.loads((proj / f"results/{m}_fashionmnist.json").read_text()) for m in ("standard", "pgd")}
+    for r in results.values():
+        assert r["n_points"] == 100 and r["eps"] == 0.1 and r["threat_model"] == "Linf"
+        aa = r["autoattack"]
+        assert aa["attacks"] == ["apgd-ce", "apgd-t"] and set(aa["robust_acc_after"]) == set(aa["attacks"])
+        stages = [r["clean_acc"], *aa["robust_acc_after"].values()]
+        assert all(a >= b for a, b in zip(stages, stages[1:])), stages  # the cascade only removes points
+        assert r["robust_acc"] <= min(aa["robust_acc"], r["pgd"]["acc"]) + 1e-9
+        assert r["train"]["passes"] > 0 and r["versions"]["torch"]
+    # PGD-AT really is more robust than standard training, on the same data and budget
+    assert results["pgd"]["robust_acc"] > results["standard"]["robust_acc"] + 0.10, results
+    assert results["standard"]["clean_acc"] > 0.5
+    metrics = json.loads((proj / "metrics/train/pgd_fashionmnist.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    e = metrics["epochs"][0]
+    assert e["attack_steps"] == 3 and e["passes"] == 30 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
+    html = (proj / "reports/report.html").read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") == 2
+    assert "| pgd | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
+
+
+def test_mlflow_holds_the_logged_metrics(snakemake_project):
+    client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("advtrain")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist"}  # one run per (method, dataset)
+    run_ = runs["pgd_fashionmnist"]
+    history = client.get_metric_history(run_.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist.json").read_text())
+    assert [m.value for m in history] == [e["loss"] for e in local["epochs"]]
+    for key in ("train_grad_l1", "train_attack_steps", "train_passes", "train_seconds", "train_adv_acc"):
+        assert len(client.get_metric_history(run_.info.run_id, key)) == 2, key
+    result = json.loads((snakemake_project / "results/pgd_fashionmnist.json").read_text())
+    assert run_.data.metrics["eval_autoattack_acc"] == result["autoattack"]["robust_acc"]  # evaluation, same run
+    assert run_.data.params["method.steps"] == "3" and run_.data.params["eps"] == "0.1"
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"pgd_fashionmnist.json"} <= artifacts
+
+
+def test_dvc_repro_reruns_only_what_changed(tmp_path):
+    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"]},
+                                            "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
+    first = run([str(BIN / "dvc"), "repro"], proj).stdout
+    assert "Running stage 'prepare@fashionmnist'" in first and "Running stage 'report'" in first
+    model_before = (proj / "models/pgd_fashionmnist.pt").read_bytes()
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["datasets"]["fashionmnist"]["training"]["lr"] = 0.02  # one training parameter
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    second = run([str(BIN / "dvc"), "repro"], proj).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", second))
+    assert ran == {"train@pgd-fashionmnist", "evaluate@pgd-fashionmnist", "report"}, second
+    assert "prepare@fashionmnist" not in ran
+    assert (proj / "models/pgd_fashionmnist.pt").read_bytes() != model_before
+    third = run([str(BIN / "dvc"), "repro"], proj).stdout
+    assert "Running stage" not in third  # nothing changed, nothing reruns
+
+
+def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
+    """Both front ends must call the same entry points with the same paths."""
+    proj = make_project(tmp_path / "same")
+    snake = run([str(BIN / "snakemake"), "--cores", "1", "--dry-run", "--printshellcmds"], proj).stdout
+    dvc = run([str(BIN / "dvc"), "repro", "--dry"], proj).stdout
+    snake_cmds = {line.strip() for line in snake.splitlines() if line.strip().startswith("advtrain ")}
+    dvc_cmds = {line[2:].strip() for line in dvc.splitlines() if line.startswith("> ")}
+    assert snake_cmds and snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
+
+
+def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
+    proj = make_project(tmp_path / "plan")
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "8", "results/pgd_cifar10.json"], proj).stdout
+    for rule in ("prepare", "train", "evaluate"):
+        assert re.search(rf"^{rule}\s+1\b", out, re.M), out
