@@ -24,7 +24,7 @@ TINY = {
         "evaluation": {"n_points": 100, "autoattack": "fast", "pgd_steps": 10},
     }},
     "models": {"small_cnn": {"width": 8, "hidden": 64, "kernel": 3}},
-    "methods": {"pgd": {"steps": 3}},
+    "methods": {"pgd": {"fashionmnist": {"steps": 3}}},
 }
 
 

@@ -29,7 +29,8 @@ def test_repo_params_are_valid_and_resolve():
     (("training", "lrr"), 0.1, "unknown key 'training.lrr'"),
     (("methods", "pgd", "fraction"), 1.2, "methods.pgd.fraction"),
     (("runs", "methods"), ["pgd", "madry"], "runs.methods[1] must be one of"),
-    (("datasets", "fashionmnist", "model"), "preact_resnet18", "does not fit fashionmnist"),
+    (("datasets", "cifar10", "model"), "small_cnn", "does not fit cifar10"),  # not even in `runs`
+    (("datasets", "cifar10", "model"), "resnet50", "datasets.cifar10.model must be one of"),
     (("models", "wide_resnet", "depth"), 30, "models.wide_resnet.depth must be 6n+4"),
 ])
 def test_invalid_values_name_the_key(path, value, needle):

@@ -26,10 +26,9 @@ def _cifar_archive(n_per_batch=20, seed=0) -> tuple[bytes, dict]:
     rng = np.random.default_rng(seed)
     files = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        files[name] = pickle.dumps({b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                                    b"labels": rng.integers(0, 10, n_per_batch).tolist(),
-                                    b"batch_label": name.encode()})
-    files["batches.meta"] = pickle.dumps({b"label_names": [f"class{i}".encode() for i in range(10)]})
+        files[name] = pickle.dumps({"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                                    "labels": rng.integers(0, 10, n_per_batch).tolist(), "batch_label": name})
+    files["batches.meta"] = pickle.dumps({"label_names": [f"class{i}" for i in range(10)]})
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name, data in files.items():
@@ -75,9 +74,9 @@ def test_cifar_download_prepare_and_load(tmp_path, served_archive):
     assert x.dtype == torch.uint8 and x.shape == (100, 3, 32, 32) and y.dtype == torch.int64
     # the pixel layout is CIFAR's: row-major 3x32x32 per image
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        first = pickle.load(tar.extractfile("cifar-10-batches-py/data_batch_1"), encoding="bytes")
-    assert torch.equal(x[0], torch.from_numpy(first[b"data"][0].reshape(3, 32, 32)))
-    assert y[0].item() == first[b"labels"][0]
+        first = pickle.load(tar.extractfile("cifar-10-batches-py/data_batch_1"))
+    assert torch.equal(x[0], torch.from_numpy(first["data"][0].reshape(3, 32, 32)))
+    assert y[0].item() == first["labels"][0]
     on_disk = json.loads((tmp_path / "prepared/meta.json").read_text())
     assert set(on_disk["sha256"]) == {"train.pt", "test.pt"}
 

@@ -117,6 +117,7 @@ def cmd_evaluate(args) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise UserError(f"{mpath}: its weights do not fit a {cfg.model} ({str(e).splitlines()[0][:150]}): retrain it") from None
+    model.use_channels_last(cfg.training["channels_last"] is not False)  # same numbers, faster (see trainer.py)
     images, labels, _ = load_split(prepared_dir(args.dataset), "test")
     ev = cfg.evaluation
     n = min(ev["n_points"] or len(labels), len(labels))

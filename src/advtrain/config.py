@@ -254,6 +254,8 @@ class Params:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(top)})")
         # the sections (mappings) fill their own defaults from None
         self.data = {k: check(copy.deepcopy(raw.get(k, 0 if k == "seed" else None)), k) for k, check in top.items()}
+        for dataset in self.data["datasets"]:
+            self.check_dataset(dataset)
         for method, dataset in self.runs:
             self.check_run(method, dataset, where="runs")
 
@@ -277,24 +279,28 @@ class Params:
 
     def check_run(self, method: str, dataset: str, where: str = "") -> None:
         from .methods import METHODS
-        from .models import MODELS
 
         pre = f"{self.path}: {where}: " if where else f"{self.path}: "
         if method not in METHODS:
             raise ConfigError(f"{pre}unknown method {method!r} (known: {', '.join(METHODS)})")
         if dataset not in DATASETS:
             raise ConfigError(f"{pre}unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
-        ds = self.data["datasets"].get(dataset)
-        if ds is None:
+        if dataset not in self.data["datasets"]:
             raise ConfigError(f"{pre}no settings for dataset {dataset!r}: add datasets.{dataset} (model, eps, alpha)")
+
+    def check_dataset(self, dataset: str) -> None:
+        from .models import MODELS
+
+        ds = self.data["datasets"][dataset]
         for k in ("model", "eps", "alpha"):
             if k not in ds:
-                raise ConfigError(f"{pre}datasets.{dataset}.{k} is missing")
+                raise ConfigError(f"{self.path}: datasets.{dataset}.{k} is missing")
         if ds["model"] not in MODELS:
             raise ConfigError(f"{self.path}: datasets.{dataset}.model must be one of {', '.join(MODELS)}, got {ds['model']!r}")
-        if not MODELS[ds["model"]].fits(DATASETS[dataset]["shape"]):
+        shape = DATASETS[dataset]["shape"]
+        if not MODELS[ds["model"]].fits(shape):
             raise ConfigError(f"{self.path}: datasets.{dataset}.model {ds['model']!r} does not fit {dataset}'s "
-                              f"{'x'.join(map(str, DATASETS[dataset]['shape']))} images ({MODELS[ds['model']].fits_doc})")
+                              f"{'x'.join(map(str, shape))} images ({MODELS[ds['model']].fits_doc})")
 
     def resolve(self, method: str, dataset: str) -> RunConfig:
         from .methods import METHODS

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import struct
 import time
 from pathlib import Path
@@ -104,9 +105,12 @@ def _prepare_cifar(dataset: str, raw_dir: Path, dataset_cls=None) -> tuple[dict,
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" / "File not found or corrupted"
             raise UserError(f"{dataset}: {e} (archive in {raw_dir}); delete {raw_dir / cls.base_folder} and the "
                             "archive beside it to download again") from None
-        except Exception as e:  # network errors
+        except OSError as e:  # network errors (URLError is an OSError)
             raise UserError(f"{dataset}: download from {cls.url} failed ({e}); put the archive "
                             f"{cls.filename} into {raw_dir} by hand and run prepare again") from None
+        except (KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            raise UserError(f"{dataset}: the files in {raw_dir / cls.base_folder} are not CIFAR batches ({e!r}); "
+                            "delete that folder and the archive beside it to download again") from None
         splits[train] = {"images": torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
                          "labels": torch.tensor(ds.targets, dtype=torch.long)}
         classes = list(ds.classes)

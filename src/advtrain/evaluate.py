@@ -88,7 +88,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     out: dict = {"n_points": n}
     t0 = time.perf_counter()
     clean = predict(model, x, bs) == y
-    out["clean_acc"] = clean.float().mean().item()
+    acc = lambda mask: mask.sum().item() / n  # noqa: E731  (exact fractions of n, as AutoAttack reports them)
+    out["clean_acc"] = acc(clean)
     out["seconds"] = {"clean": time.perf_counter() - t0}
     log(f"[evaluate] clean accuracy {100 * out['clean_acc']:.2f}% on {n} points")
     robust = clean.clone()
@@ -98,7 +99,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         torch.manual_seed(seed)
         pgd_robust, _ = worst_case(model, x, y, eps, alpha, ev["pgd_steps"], ev["pgd_restarts"], batch_size=bs)
         out["pgd"] = {"steps": ev["pgd_steps"], "restarts": ev["pgd_restarts"], "alpha": alpha,
-                      "acc": pgd_robust.float().mean().item()}
+                      "acc": acc(pgd_robust)}
         out["seconds"]["pgd"] = time.perf_counter() - t0
         robust &= pgd_robust
         log(f"[evaluate] PGD-{ev['pgd_steps']} x{ev['pgd_restarts']} accuracy {100 * out['pgd']['acc']:.2f}% "
@@ -110,5 +111,5 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         aa.pop("x_adv")
         out["autoattack"] = aa
         out["seconds"]["autoattack"] = time.perf_counter() - t0
-    out["robust_acc"] = robust.float().mean().item()  # per-point minimum over every attack run
+    out["robust_acc"] = acc(robust)  # per-point minimum over every attack run
     return out

