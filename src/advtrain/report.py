@@ -62,25 +62,29 @@ def _figures(dataset: str, rows: list[dict]):
         plt.close(fig)
         return buf.getvalue()
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    from matplotlib.ticker import MaxNLocator
+
+    color = {r["method"]: f"C{i}" for i, r in enumerate(rows)}  # one colour per method in every panel
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
     for ax, (key, label, scale) in zip(axes.flat, CURVES):
         for r in rows:
             pts = [(c["epoch"], c[key]) for c in r["curves"] if c.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=r["method"])
+                ax.plot(*zip(*pts), marker="o", ms=3, label=r["method"], color=color[r["method"]])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if scale == "log" and any(c.get(key) for r in rows for c in r["curves"]):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside right upper", fontsize=9)
     fig.suptitle(f"{dataset}: per-epoch training curves")
     yield f"{dataset}_curves", f"{dataset}: per-epoch training curves", png(fig)
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     for r in rows:
         acc = r.get("autoattack", {}).get("robust_acc", r["robust_acc"])
-        ax.scatter(r.get("train", {}).get("seconds", 0), 100 * acc, s=40)
+        ax.scatter(r.get("train", {}).get("seconds", 0), 100 * acc, s=40, color=color[r["method"]])
         ax.annotate(r["method"], (r.get("train", {}).get("seconds", 0), 100 * acc), textcoords="offset points",
                     xytext=(5, 4), fontsize=9)
     ax.set_xlabel("training time (s)")
