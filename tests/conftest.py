@@ -24,7 +24,9 @@ TINY = {
         "evaluation": {"n_points": 100, "autoattack": "fast", "pgd_steps": 10},
     }},
     "models": {"small_cnn": {"width": 8, "hidden": 64, "kernel": 3}},
-    "methods": {"pgd": {"fashionmnist": {"steps": 3}}},
+    # method-on-dataset keys win over dataset keys, so the repo's own per-method choices are overridden here
+    "methods": {"pgd": {"fashionmnist": {"steps": 3, "evaluation": {"autoattack": "fast"}}},
+                "standard": {"fashionmnist": {"evaluation": {"autoattack": "fast"}}}},
 }
 
 

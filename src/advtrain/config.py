@@ -3,7 +3,8 @@
 The file has these sections (see the project's params.yaml for a commented example):
   seed, runs, datasets, models, methods, training, evaluation, tracking
 `training` and `evaluation` hold defaults that a dataset may override under `datasets.<name>.training` etc.;
-a method's settings may be overridden per dataset under `methods.<method>.<dataset>`.
+a method may carry its own `training`/`evaluation` keys, and all its settings may be overridden per dataset under
+`methods.<method>.<dataset>`. Later wins: defaults < dataset < method < method on this dataset.
 """
 from __future__ import annotations
 
@@ -261,8 +262,9 @@ class Params:
 
     @staticmethod
     def _method_schema(method_cls) -> Check:
-        own = section(method_cls.params)
-        return section(method_cls.params, extra=lambda k: k in DATASETS, extra_check=own)
+        """A method's own settings, plus `training` overrides (its reference recipe), each overridable per dataset."""
+        own = {**method_cls.params, "training": section(TRAINING), "evaluation": section(EVALUATION)}
+        return section(own, extra=lambda k: k in DATASETS, extra_check=section(own))
 
     @classmethod
     def load(cls, path: str | Path = "params.yaml") -> "Params":
@@ -309,9 +311,12 @@ class Params:
         d = self.data
         ds = d["datasets"][dataset]
         mraw = d["methods"].get(method, {})
+        mds = mraw.get(dataset, {})
         mparams = dict(METHODS[method].defaults)
-        mparams.update({k: v for k, v in mraw.items() if k not in DATASETS})
-        mparams.update(mraw.get(dataset, {}))
+        blocks = ("training", "evaluation")
+        mparams.update({k: v for k, v in mraw.items() if k not in DATASETS and k not in blocks})
+        mparams.update({k: v for k, v in mds.items() if k not in blocks})
+        layered = lambda key: {**d[key], **ds.get(key, {}), **mraw.get(key, {}), **mds.get(key, {})}  # noqa: E731
         return RunConfig(
             method=method,
             dataset=dataset,
@@ -320,9 +325,10 @@ class Params:
             eps=ds["eps"],
             alpha=ds["alpha"],
             augment=dict(ds.get("augment", {"crop": 0, "flip": False})),
-            training={**d["training"], **ds.get("training", {})},
+            # later wins: defaults < dataset < method < method-on-this-dataset
+            training=layered("training"),
             method_params=mparams,
-            evaluation={**d["evaluation"], **ds.get("evaluation", {})},
+            evaluation=layered("evaluation"),
             seed=d["seed"],
             experiment=d["tracking"]["experiment"],
             info=dict(DATASETS[dataset]),

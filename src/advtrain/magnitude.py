@@ -42,3 +42,25 @@ class MagnitudeRule:
 
     def load_state_dict(self, state: dict) -> None:
         self.count, self.threshold = state["count"], state["threshold"]
+
+
+class MagnitudeDriven:
+    """Mixin for a method whose iteration/replay count is a MagnitudeRule's (DEAT, M+PGD, M+TRADES): the count in
+    use, its update after each epoch, and its state in the checkpoint. Put it before the method's base class."""
+
+    rule: MagnitudeRule
+
+    def make_rule(self, maximum_key: str, start: int, every: int | None = None) -> None:
+        self.rule = MagnitudeRule(self.p["gamma"], self.p[maximum_key], start=start, every=every)
+
+    def attack_steps(self) -> int:
+        return self.rule.count
+
+    def end_epoch(self, trainer, epoch: int, metrics: dict) -> dict:
+        return {"next_steps": self.rule.update(epoch, metrics["grad_l1"])}
+
+    def state_dict(self) -> dict:
+        return {"rule": self.rule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rule.load_state_dict(state["rule"])

@@ -41,12 +41,25 @@ def _load_runs(runs: list[tuple[str, str]]) -> list[dict]:
 def _row(r: dict) -> list[str]:
     aa = r.get("autoattack", {})
     tr = r.get("train", {})
-    return [r["method"], r["model"], str(r["n_points"]), _pct(r["clean_acc"]),
-            _pct(r.get("pgd", {}).get("acc")), _pct(aa.get("robust_acc")), _pct(r["robust_acc"]),
-            f"{tr.get('seconds', float('nan')):.0f}", str(tr.get("passes", "–")), str(tr.get("epochs", "–"))]
+    passes = tr.get("passes")
+    return [r["method"], r["model"], str(r["n_points"]), _pct(r["clean_acc"]), _pct(r.get("pgd", {}).get("acc")),
+            _pct(aa.get("robust_acc_after", {}).get("apgd-t")), aa.get("version", "off"), _pct(aa.get("robust_acc")),
+            _pct(r["robust_acc"]), f"{tr.get('seconds', float('nan')):.0f}",
+            "–" if passes is None else f"{passes:g}", str(tr.get("epochs", "–"))]
 
 
-HEADER = ["method", "model", "points", "clean %", "PGD %", "AutoAttack %", "robust (min) %", "train s", "passes", "epochs"]
+HEADER = ["method", "model", "points", "clean %", "PGD %", "APGD-CE+T %", "AutoAttack", "AutoAttack %", "robust (min) %",
+          "train s", "passes", "epochs"]
+NOTE = ("APGD-CE+T: robust accuracy after AutoAttack's first two attacks, recorded for every run (the like-for-like "
+        "column when versions differ); AutoAttack %: after every attack of the version named; robust (min): each "
+        "point's worst case over all attacks run, PGD included; passes: forward+backward work in minibatch "
+        "equivalents; train s: training wall time.")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both time (lower) and accuracy (higher)."""
+    return [i for i, (t, a) in enumerate(points)
+            if not any((t2 <= t and a2 >= a) and (t2 < t or a2 > a) for t2, a2 in points)]
 
 
 def _figures(dataset: str, rows: list[dict]):
@@ -81,12 +94,33 @@ def _figures(dataset: str, rows: list[dict]):
     fig.suptitle(f"{dataset}: per-epoch training curves")
     yield f"{dataset}_curves", f"{dataset}: per-epoch training curves", png(fig)
 
+    driven = [r for r in rows if len({c.get("attack_steps") for c in r["curves"]}) > 1]
+    if driven:  # DEAT's idea: the count grows when the gradient magnitude passes its threshold
+        fig, axes = plt.subplots(1, len(driven), figsize=(5.2 * len(driven), 3.8), layout="constrained", squeeze=False)
+        for ax, r in zip(axes[0], driven):
+            ep = [c["epoch"] for c in r["curves"]]
+            ax.plot(ep, [c["grad_l1"] for c in r["curves"]], marker="o", ms=3, color=color[r["method"]])
+            ax.set_ylabel("gradient magnitude G (L1)", color=color[r["method"]])
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            twin = ax.twinx()
+            twin.step(ep, [c["attack_steps"] for c in r["curves"]], where="mid", color="k", alpha=0.7)
+            twin.set_ylabel("replays / attack steps in use")
+            twin.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(r["method"])
+        fig.suptitle(f"{dataset}: gradient magnitude and the iteration count it drives")
+        yield f"{dataset}_magnitude", f"{dataset}: gradient magnitude and replay/step count per epoch", png(fig)
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    for r in rows:
-        acc = r.get("autoattack", {}).get("robust_acc", r["robust_acc"])
-        ax.scatter(r.get("train", {}).get("seconds", 0), 100 * acc, s=40, color=color[r["method"]])
-        ax.annotate(r["method"], (r.get("train", {}).get("seconds", 0), 100 * acc), textcoords="offset points",
-                    xytext=(5, 4), fontsize=9)
+    pts = [(r.get("train", {}).get("seconds", 0), 100 * r.get("autoattack", {}).get("robust_acc", r["robust_acc"]))
+           for r in rows]
+    front = sorted((pts[i] for i in pareto(pts)))
+    if len(front) > 1:
+        ax.plot(*zip(*front), ls="--", color="grey", lw=1, label="Pareto front")
+        ax.legend(fontsize=8, loc="lower right")
+    for r, (t, a) in zip(rows, pts):
+        ax.scatter(t, a, s=40, color=color[r["method"]])
+        ax.annotate(r["method"], (t, a), textcoords="offset points", xytext=(5, 4), fontsize=9)
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("AutoAttack robust accuracy (%)")
     ax.set_title(f"{dataset}: robustness against training time")
@@ -99,20 +133,21 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     fig_dir = out_dir / "figures"
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md = [f"# Adversarial training report", "", f"Generated {stamp} by `advtrain report`.", ""]
+    md = ["# Adversarial training report", "", f"Generated {stamp} by `advtrain report`.", ""]
     body = [f"<h1>Adversarial training report</h1><p class=meta>Generated {stamp} by <code>advtrain report</code>.</p>"]
     for ds in datasets:
         rows = [r for r in results if r["dataset"] == ds]
         eps = rows[0]["eps"]
         aa_versions = sorted({r.get("autoattack", {}).get("version", "off") for r in rows})
-        threat = (f"L-inf, eps = {eps:.4g} (images in [0, 1]); AutoAttack version: {', '.join(aa_versions)}; "
+        threat = (f"L-inf, eps = {eps:.4g} (images in [0, 1]); AutoAttack: {' and '.join(aa_versions)} version; "
                   f"PGD: {rows[0].get('pgd', {}).get('steps', '–')} steps x {rows[0].get('pgd', {}).get('restarts', '–')} restarts")
         md += [f"## {ds}", "", threat, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         md += ["| " + " | ".join(_row(r)) + " |" for r in rows]
+        md += ["", NOTE]
         body.append(f"<h2>{html.escape(ds)}</h2><p>{html.escape(threat)}</p><table><thead><tr>"
                     + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(r)) + "</tr>" for r in rows)
-                    + "</tbody></table>")
+                    + f"</tbody></table><p class=meta>{html.escape(NOTE)}</p>")
         breakdown = [r for r in rows if r.get("autoattack")]
         if breakdown:
             md += ["", "Robust accuracy (%) after each AutoAttack stage:", ""]

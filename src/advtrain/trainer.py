@@ -57,8 +57,15 @@ class Trainer:
         self.channels_last = self.tr["channels_last"] in (True, "auto")
 
         torch.manual_seed(cfg.seed)
+        self.method = METHODS[cfg.method](cfg)
+        self.epochs = self.method.data_passes(self.tr["epochs"])  # FREE-m makes m replays per pass: epochs / m
         if self.tr["train_subset"]:
             train_images, train_labels = train_images[: self.tr["train_subset"]], train_labels[: self.tr["train_subset"]]
+        self.holdout = None  # images kept out of training for a per-epoch check (FGSM's overfitting guard)
+        if self.method.holdout:
+            n = self.method.holdout
+            self.holdout = (train_images[-n:].to(self.device).float().div(255), train_labels[-n:].to(self.device))
+            train_images, train_labels = train_images[:-n], train_labels[:-n]
         self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
                                    crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
                                    channels_last=self.channels_last)
@@ -67,8 +74,9 @@ class Trainer:
         self.model.to(self.device).use_channels_last(self.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
-        self.method = METHODS[cfg.method](cfg)
+        self.method.setup(self)
         self.epoch = 0  # epochs completed
+        self.stop_reason: str | None = None  # set by an end-of-epoch check; training ends after that epoch
         self.history: list[dict] = []
         self.run_id: str | None = None  # MLflow run, kept in the checkpoint so a resumed run logs into the same one
         self._batch = 0  # global minibatch index, for the schedule
@@ -89,13 +97,15 @@ class Trainer:
         finally:
             self.model.train(True)
 
-    def count_attack_passes(self, n: int) -> None:
-        self._passes += n
+    def count_attack_passes(self, steps: int, n_images: int) -> None:
+        """Attack work: `steps` forward+backward passes over `n_images` images."""
+        self._image_passes += steps * n_images
 
     def update(self, inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-               within_batch: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               within_batch: float = 0.0, measure: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward + backward + optimizer step on `inputs` (model in train mode). The backward also yields the
-        input gradient, whose L1 norm is accumulated for the epoch's gradient magnitude at no extra pass.
+        input gradient; with `measure` its L1 norm is added to the epoch's gradient magnitude (no extra pass).
+        `within_batch` in [0, 1) places a replay inside its minibatch for the learning-rate schedule.
         Returns (logits, loss); the input gradient is left in `self.input_grad`."""
         inputs = inputs.detach().requires_grad_(True)
         with self.autocast():
@@ -104,21 +114,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.input_grad = inputs.grad
-        self._acc["grad_l1"] += inputs.grad.detach().abs().sum(dtype=torch.float32)
+        if measure:
+            self._acc["grad_l1"] += inputs.grad.detach().abs().sum(dtype=torch.float32)
         self._acc["finite"] &= torch.isfinite(loss.detach())
-        progress = (self._batch + within_batch) / (self.tr["epochs"] * len(self.loader))
+        self._image_passes += len(inputs)
+        progress = (self._batch + within_batch) / (self.epochs * len(self.loader))
         lr = lr_at(progress, self.tr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self._passes += 1
         self._steps += 1
         return logits, loss
 
-    def record(self, loss: torch.Tensor, clean=None, adv=None) -> None:
-        """Accumulate a minibatch's loss and accuracies on the device (no host synchronisation)."""
+    def record(self, loss: torch.Tensor, clean=None, adv=None, n: int | None = None) -> None:
+        """Accumulate a minibatch's loss (a mean over its `n` examples; default: the clean plus the adversarial ones)
+        and its clean/adversarial accuracies, on the device (no host synchronisation)."""
         a = self._acc
-        n = sum(len(p[1]) for p in (clean, adv) if p is not None)
+        if n is None:
+            n = sum(len(p[1]) for p in (clean, adv) if p is not None)
         a["loss"] += loss.detach().float() * n
         a["n"] += n
         for key, part in (("clean", clean), ("adv", adv)):
@@ -141,6 +154,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "history": self.history,
             "run_id": self.run_id,
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -151,7 +165,7 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         if s.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"])
-        self.epoch, self.history, self.run_id = s["epoch"], s["history"], s["run_id"]
+        self.epoch, self.history, self.run_id, self.stop_reason = s["epoch"], s["history"], s["run_id"], s["stop_reason"]
 
     def try_resume(self) -> bool:
         """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
@@ -162,33 +176,63 @@ class Trainer:
             self.log(f"[{self.cfg.name}] {self.checkpoint_path} is from other settings; starting afresh")
             return False
         self.load_state_dict(state)
-        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.tr['epochs']} from {self.checkpoint_path}")
+        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.epochs} from {self.checkpoint_path}")
         return True
 
     def fit(self, resume: bool = True) -> list[dict]:
         resumed = resume and self.try_resume()
         for cb in self.callbacks:
             cb.on_start(self, resumed)
-        epochs = self.tr["epochs"]
+        epochs = self.epochs
         self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}, bf16={self.use_bf16}, "
                  f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")
-        while self.epoch < epochs:
+        while self.epoch < epochs and self.stop_reason is None:
             metrics = self._run_epoch(self.epoch)
             self.epoch += 1
             self.history.append(metrics)
+            if self.stop_reason:
+                self.log(f"[{self.cfg.name}] stopping after epoch {self.epoch}: {self.stop_reason}")
             checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
             for cb in self.callbacks:
                 cb.on_epoch(self, metrics)
         return self.history
 
-    def _run_epoch(self, epoch: int) -> dict:
+    # --- what end-of-epoch checks call (FGSM's catastrophic-overfitting guard) ----------------------------------
+
+    def snapshot(self) -> dict:
+        """A copy of the model and optimizer state (on the CPU), to roll back to."""
+        def cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu", copy=True)
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [cpu(v) for v in obj]
+            return obj
+
+        return {"model": cpu(self.model.state_dict()), "optimizer": cpu(self.optimizer.state_dict())}
+
+    def restore(self, snap: dict) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def begin_epoch(self) -> None:
+        """Zero the epoch's accumulators (device tensors, read once at the end of the epoch)."""
         dev = self.device
         zeros = lambda dtype=torch.float32: torch.zeros((), device=dev, dtype=dtype)  # noqa: E731
         self._acc = {"loss": zeros(), "n": 0, "grad_l1": zeros(), "finite": torch.ones((), dtype=torch.bool, device=dev),
                      "clean_correct": zeros(torch.long), "clean_n": 0, "adv_correct": zeros(torch.long), "adv_n": 0}
-        self._passes = self._steps = 0
-        steps_in_use = self.method.attack_steps()
+        self._image_passes = self._steps = 0
         self.model.train()
+        self.method.begin_epoch()
+
+    def _run_epoch(self, epoch: int) -> dict:
+        dev = self.device
+        self.begin_epoch()
+        steps_in_use = self.method.attack_steps()
         n_batches = len(self.loader)
         report_every = max(1, n_batches // 4)
         t0 = time.perf_counter()
@@ -197,7 +241,7 @@ class Trainer:
             self.method.step(self, x, y)
             if (i + 1) % report_every == 0 and i + 1 < n_batches:
                 rate = (i + 1) * self.tr["batch_size"] / (time.perf_counter() - t0)
-                self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.tr['epochs']}  batch {i + 1}/{n_batches}  "
+                self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  batch {i + 1}/{n_batches}  "
                          f"{rate:.0f} img/s")
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -213,15 +257,16 @@ class Trainer:
             "adv_acc": a["adv_correct"].item() / a["adv_n"] if a["adv_n"] else None,
             "grad_l1": a["grad_l1"].item(),
             "attack_steps": steps_in_use,
-            "passes": self._passes,
+            # forward+backward work in minibatch equivalents: PGD-K costs K + 1 per batch, TRADES-K costs K + 2
+            "passes": round(self._image_passes / self.tr["batch_size"], 3),
             "optimizer_steps": self._steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
             "images_per_s": a["n"] / seconds if seconds > 0 else math.nan,
         }
-        metrics.update(self.method.end_epoch(epoch, metrics))
+        metrics.update(self.method.end_epoch(self, epoch, metrics))
         pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
-        self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.tr['epochs']}  loss {metrics['loss']:.4f}  "
+        self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  loss {metrics['loss']:.4f}  "
                  f"clean {pct(metrics['clean_acc'])}  adv {pct(metrics['adv_acc'])}  |grad|_1 {metrics['grad_l1']:.4g}  "
-                 f"steps {steps_in_use}  passes {self._passes}  {seconds:.1f}s")
+                 f"steps {steps_in_use}  passes {metrics['passes']:g}  {seconds:.1f}s")
         return metrics

@@ -9,6 +9,7 @@ rule evaluate:
     params:
         evaluation=settings("evaluation"),
         dataset=settings("datasets", "{dataset}"),
+        method=settings("methods", "{method}"),
     threads: workflow.cores
     shell:
         "advtrain evaluate {wildcards.method} {wildcards.dataset}"

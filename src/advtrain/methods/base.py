@@ -17,11 +17,24 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}  # setting -> config check (see config.py); validated on load
     defaults: ClassVar[dict[str, Any]] = {}
 
+    holdout: int = 0  # training images the trainer keeps aside for this method's end-of-epoch check
+
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.p = cfg.method_params
         self.eps = cfg.eps
         self.alpha = self.p.get("alpha") or cfg.alpha
+
+    def setup(self, trainer) -> None:
+        """Called once the trainer has its model and data (subclasses call super().setup(trainer) first)."""
+        self.device = trainer.device
+
+    def data_passes(self, epochs: int) -> int:
+        """How many passes over the data `training.epochs` means for this method (FREE-m: epochs / m)."""
+        return epochs
+
+    def begin_epoch(self) -> None:
+        """Called before each epoch (e.g. to zero the method's own accumulators)."""
 
     def step(self, trainer, x: torch.Tensor, y: torch.Tensor) -> None:
         raise NotImplementedError
@@ -30,7 +43,7 @@ class Method:
         """The attack iterations (or replays) per minibatch now in use, logged each epoch."""
         return 0
 
-    def end_epoch(self, epoch: int, metrics: dict) -> dict:
+    def end_epoch(self, trainer, epoch: int, metrics: dict) -> dict:
         """Called after each epoch with its metrics (grad_l1 among them); returns extra metrics to log."""
         return {}
 

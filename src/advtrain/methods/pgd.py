@@ -20,14 +20,17 @@ class PGD(Method):
     def attack_steps(self) -> int:
         return self.p["steps"]
 
+    def step_size(self) -> float:
+        return self.alpha
+
     def step(self, trainer, x, y):
         f, steps = self.p["fraction"], self.attack_steps()
         n_clean = len(x) - round(f * len(x))
         x_adv, y_adv = x[n_clean:], y[n_clean:]
         if steps and len(x_adv):
             with trainer.attack_mode(self.p["attack_mode"]):
-                x_adv = pgd(trainer.model, x_adv, y_adv, self.eps, self.alpha, steps, autocast=trainer.autocast)
-            trainer.count_attack_passes(steps)
+                x_adv = pgd(trainer.model, x_adv, y_adv, self.eps, self.step_size(), steps, autocast=trainer.autocast)
+            trainer.count_attack_passes(steps, len(x_adv))
 
         def loss_fn(logits):
             parts = []

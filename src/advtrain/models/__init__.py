@@ -62,7 +62,7 @@ def _registry() -> dict[str, ModelSpec]:
 
     return {
         "small_cnn": ModelSpec(
-            lambda c, k, width=16, hidden=128, kernel=5: SmallCNN(c, k, width, hidden, kernel),
+            lambda c, k, width=16, hidden=128, kernel=3: SmallCNN(c, k, width, hidden, kernel),
             {"width": integer(1), "hidden": integer(1), "kernel": choice(3, 5)},
             fits=lambda s: s[1:] == (28, 28), fits_doc="it is built for 28x28 inputs",
         ),

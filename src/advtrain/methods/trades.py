@@ -1,0 +1,53 @@
+"""TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)).
+
+Inner maximisation with the model in eval mode: x_adv = x + 0.001 * N(0, 1), then K steps of alpha * sign(grad) on
+KL(f(x) || f(x_adv)), box/project each step. Outer: clean and adversarial images in ONE forward (BN sees both)."""
+import torch
+import torch.nn.functional as F
+
+from ..attacks import project_box
+from ..config import integer, number, optional
+from .base import Method
+
+
+def kl(logits_adv: torch.Tensor, probs_clean: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    return F.kl_div(F.log_softmax(logits_adv, dim=1), probs_clean, reduction=reduction)
+
+
+def trades_attack(trainer, x, eps, alpha, steps):
+    model = trainer.model
+    with trainer.attack_mode("eval"):
+        with torch.no_grad(), trainer.autocast():
+            p_clean = F.softmax(model(x).float(), dim=1)
+        x_adv = project_box(x + 0.001 * torch.randn_like(x), x, eps)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with trainer.autocast():
+                logits = model(x_adv)
+            grad, = torch.autograd.grad(kl(logits.float(), p_clean, "sum"), x_adv)
+            x_adv = project_box(x_adv.detach() + alpha * grad.sign(), x, eps)
+    trainer.count_attack_passes(steps, len(x))
+    return x_adv.detach()
+
+
+class TRADES(Method):
+    name = "trades"
+    params = {"beta": number(0), "steps": integer(0), "alpha": optional(number(0, 1, lo_open=True))}
+    defaults = {"beta": 6.0, "steps": 10, "alpha": None}
+
+    def attack_steps(self) -> int:
+        return self.p["steps"]
+
+    def step_size(self) -> float:
+        return self.alpha
+
+    def step(self, trainer, x, y):
+        x_adv = trades_attack(trainer, x, self.eps, self.step_size(), self.attack_steps())
+        n, beta = len(x), self.p["beta"]
+
+        def loss_fn(logits):
+            clean, adv = logits[:n], logits[n:]
+            return F.cross_entropy(clean, y) + beta * kl(adv, F.softmax(clean, dim=1))
+
+        logits, loss = trainer.update(torch.cat([x, x_adv]), loss_fn)
+        trainer.record(loss, clean=(logits[:n], y), adv=(logits[n:], y), n=n)  # n examples, seen clean and attacked
