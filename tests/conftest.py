@@ -17,7 +17,7 @@ FASHION = Path(os.environ.get("ADVTRAIN_FASHIONMNIST_DIR", "/usr/share/datasets/
 
 # Small enough for two CPU cores in about a minute per workflow run, large enough that PGD-AT visibly helps.
 TINY = {
-    "runs": {"methods": ["standard", "pgd"], "datasets": ["fashionmnist"]},
+    "runs": {"methods": ["standard", "pgd"], "datasets": ["fashionmnist"], "dynat": ["fashionmnist"]},
     "datasets": {"fashionmnist": {
         "model": "small_cnn", "eps": 0.1, "alpha": 0.025, "augment": {"crop": 0, "flip": False},
         "training": {"epochs": 2, "batch_size": 100, "lr": 0.05, "train_subset": 3000},
@@ -26,7 +26,8 @@ TINY = {
     "models": {"small_cnn": {"width": 8, "hidden": 64, "kernel": 3}},
     # method-on-dataset keys win over dataset keys, so the repo's own per-method choices are overridden here
     "methods": {"pgd": {"fashionmnist": {"steps": 3, "evaluation": {"autoattack": "fast"}}},
-                "standard": {"fashionmnist": {"evaluation": {"autoattack": "fast"}}}},
+                "standard": {"fashionmnist": {"evaluation": {"autoattack": "fast"}}},
+                "dynat": {"fashionmnist": {"steps": 3, "teacher_epochs": 1, "training": {"epochs": 2}}}},
 }
 
 

@@ -53,3 +53,11 @@ def test_invalid_parameter_and_unknown_method(prepared, tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     _one_clear_line(_cli(proj, "train", "madry", "fashionmnist"), "unknown method 'madry'", "known:")
     _one_clear_line(_cli(proj, "evaluate", "pgd", "fashionmnist"), "models/pgd_fashionmnist.pt", "train it first")
+
+
+def test_evaluation_refuses_a_teacher_only_checkpoint(prepared, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(prepared, proj)
+    run([str(BIN / "advtrain"), "pretrain", "fashionmnist"], proj)
+    (proj / "models/dynat_fashionmnist.pt").write_bytes((proj / "models/teacher_fashionmnist.pt").read_bytes())
+    _one_clear_line(_cli(proj, "evaluate", "dynat", "fashionmnist"), "holds a teacher, not a trained model")

@@ -205,3 +205,53 @@ def test_fgsm_overfitting_check_fires_when_pgd_accuracy_collapses(action, tmp_pa
     assert (t.stop_reason is not None) == (action == "stop")
     if action == "stop":
         assert "catastrophic overfitting" in t.stop_reason
+
+
+# --- DYNAT -----------------------------------------------------------------------------------------------------------
+
+def constant_teacher(cls: int):
+    """A teacher that answers `cls` whatever it sees."""
+    from advtrain.models import build_model
+
+    t = build_model("small_cnn", (1, 28, 28), 10, (0.286,), (0.353,), width=8, hidden=64, kernel=3)
+    with torch.no_grad():
+        t.net.classifier[-1].weight.zero_()
+        t.net.classifier[-1].bias.copy_(torch.nn.functional.one_hot(torch.tensor(cls), 10).float() * 10)
+    return t
+
+
+def test_dynat_learns_the_teachers_labels_not_the_ground_truth(tmp_path):
+    x, y = synthetic(400)
+    y = torch.where(y == 7, 0, y)  # the ground truth never says 7; the teacher always does
+    cfg = config("dynat", {"teacher_update": "frozen", "steps": 1, "check_points": 0},
+                 {"epochs": 3, "batch_size": 50, "lr": 0.05})
+    t = Trainer(cfg, x, y, tmp_path / "c.pt", log=lambda m: None, teacher=constant_teacher(7))
+    hist = t.fit()
+    assert all(h["label_agreement"] == 0 for h in hist)  # the dynamic labels never equal the ground truth
+    t.model.eval()
+    with torch.no_grad():
+        pred = t.model(x[:100].float() / 255).argmax(1)
+    assert (pred == 7).float().mean() > 0.95  # the student learned the teacher's label
+
+
+@pytest.mark.parametrize("update", ["concurrent", "frozen"])
+def test_dynat_teacher_moves_only_when_concurrent(update, tmp_path):
+    from advtrain.models import build_model
+
+    teacher = build_model("small_cnn", (1, 28, 28), 10, (0.286,), (0.353,), width=8, hidden=64, kernel=3)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = config("dynat", {"teacher_update": update, "steps": 1, "check_points": 50}, {"epochs": 1, "batch_size": 50})
+    t = Trainer(cfg, *synthetic(200), tmp_path / "c.pt", log=lambda m: None, teacher=teacher)
+    hist = t.fit()
+    changed = any(not torch.equal(v, before[k]) for k, v in t.method.teacher.state_dict().items())
+    assert changed == (update == "concurrent")
+    assert 0 <= hist[0]["teacher_acc"] <= 1
+    # concurrent: the teacher's parameters are in the student's optimizer (one SGD, as the reference)
+    assert (len(t.optimizer.param_groups) == 2) == (update == "concurrent")
+
+
+def test_dynat_refuses_to_start_without_its_teacher(tmp_path):
+    from advtrain.errors import UserError
+
+    with pytest.raises(UserError, match="advtrain pretrain fashionmnist"):
+        Trainer(config("dynat"), *synthetic(), tmp_path / "c.pt", log=lambda m: None)

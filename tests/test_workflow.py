@@ -29,7 +29,7 @@ def test_snakemake_end_to_end(snakemake_project):
     e = metrics["epochs"][0]
     assert e["attack_steps"] == 3 and e["passes"] == 30 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
-    assert "<table>" in html and html.count("data:image/png;base64,") == 2
+    assert "<table>" in html and html.count("data:image/png;base64,") == 3  # curves, DYNAT's labels, time
     assert "| pgd | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
 
 
@@ -37,7 +37,8 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
     client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist"}  # one run per (method, dataset)
+    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_fashionmnist",
+                         "dynat_fashionmnist"}  # one run per (method, dataset), and DYNAT's teacher
     run_ = runs["pgd_fashionmnist"]
     history = client.get_metric_history(run_.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]
@@ -53,7 +54,7 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
 
 
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"]},
+    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "dynat": []},
                                             "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
     first = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage 'prepare@fashionmnist'" in first and "Running stage 'report'" in first
@@ -77,7 +78,9 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
     snake_cmds = {m.strip() for m in re.findall(r"^(?:Shell command: )?(advtrain .*)$", snake, re.M)}
     with Repo(str(proj)) as repo:  # DVC's own rendering of dvc.yaml (its foreach/matrix templating resolved)
         dvc_cmds = {stage.cmd for stage in repo.index.stages}
-    assert len(snake_cmds) == 6 and snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
+    assert snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
+    assert {"advtrain prepare fashionmnist", "advtrain pretrain fashionmnist", "advtrain train pgd fashionmnist",
+            "advtrain train dynat fashionmnist", "advtrain evaluate dynat fashionmnist", "advtrain report"} <= snake_cmds
 
 
 def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
@@ -85,3 +88,27 @@ def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
     out = run([str(BIN / "snakemake"), "-n", "--cores", "8", "results/pgd_cifar10.json"], proj).stdout
     for rule in ("prepare", "train", "evaluate"):
         assert re.search(rf"^{rule}\s+1\b", out, re.M), out
+
+
+def test_dynat_end_to_end_in_the_report(snakemake_project):
+    proj = snakemake_project
+    dynat = json.loads((proj / "metrics/train/dynat_fashionmnist.json").read_text())
+    teacher = json.loads((proj / "metrics/train/teacher_fashionmnist.json").read_text())
+    assert len(teacher["epochs"]) == 1 and len(dynat["epochs"]) == 2
+    for e in dynat["epochs"]:
+        assert 0 <= e["label_agreement"] <= 1 and 0 <= e["teacher_acc"] <= 1
+    assert json.loads((proj / "results/dynat_fashionmnist.json").read_text())["autoattack"]["robust_acc"] >= 0
+    assert "| dynat | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
+
+
+def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path):
+    proj = make_project(tmp_path / "dvc_dynat", {"runs": {"methods": ["standard"]},
+                                                  "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
+    run([str(BIN / "dvc"), "repro"], proj)
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["methods"]["dynat"]["fashionmnist"]["teacher_epochs"] = 2
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run([str(BIN / "dvc"), "repro"], proj).stdout
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"pretrain@fashionmnist", "train_dynat@fashionmnist", "evaluate_dynat@fashionmnist", "report"}, out
+    assert len(json.loads((proj / "metrics/train/teacher_fashionmnist.json").read_text())["epochs"]) == 2

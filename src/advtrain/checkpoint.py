@@ -43,20 +43,29 @@ def load_training_state(path: str | Path) -> dict | None:
         return None
 
 
-def save_model(path: str | Path, model: torch.nn.Module, meta: dict) -> None:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"format": FORMAT, "kind": "model", "meta": meta, "model": state})
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def load_model(path: str | Path, expect: dict | None = None) -> tuple[dict, dict]:
-    """(meta, state_dict) of a model file; `expect` (e.g. {"dataset": "cifar10"}) must match its meta."""
+def save_model(path: str | Path, model: torch.nn.Module, meta: dict, kind: str = "model",
+               teacher: torch.nn.Module | None = None) -> None:
+    """kind "model": a trained classifier (DYNAT's also holds its teacher); kind "teacher": DYNAT's pretrained teacher."""
+    obj = {"format": FORMAT, "kind": kind, "meta": meta, "model": _cpu_state(model)}
+    if teacher is not None:
+        obj["teacher"] = _cpu_state(teacher)
+    save_torch(path, obj)
+
+
+def load_model(path: str | Path, expect: dict | None = None, kind: str = "model") -> tuple[dict, dict]:
+    """(meta, state_dict) of a model file of `kind`; `expect` (e.g. {"dataset": "cifar10"}) must match its meta."""
     path = Path(path)
     fix = f"retrain it (`snakemake -R train {path}` or `advtrain train ...`)"
     if not path.exists():
         raise UserError(f"{path}: model file missing: train it first (`snakemake --cores 1 {path}`)")
     obj = _load(path, "model checkpoint", fix)
-    if obj.get("kind") != "model":
-        raise UserError(f"{path}: holds a {obj.get('kind')}, not a trained model: {fix}")
+    if obj.get("kind") != kind:
+        what = {"model": "a trained model", "teacher": "a pretrained DYNAT teacher"}[kind]
+        raise UserError(f"{path}: holds a {obj.get('kind')}, not {what}: {fix}")
     meta = obj["meta"]
     for key, want in (expect or {}).items():
         if meta.get(key) != want:

@@ -1,6 +1,7 @@
 """`advtrain`: one command, one sub-command per pipeline stage. Snakemake and DVC both call exactly these.
 
   advtrain prepare DATASET            -> data/prepared/DATASET/{train.pt,test.pt,meta.json}
+  advtrain pretrain DATASET           -> models/teacher_DATASET.pt (DYNAT's teacher), metrics/train/teacher_DATASET.json
   advtrain train METHOD DATASET       -> models/METHOD_DATASET.pt, metrics/train/METHOD_DATASET.json
   advtrain evaluate METHOD DATASET    -> results/METHOD_DATASET.json
   advtrain report                     -> reports/report.html, reports/report.md
@@ -34,11 +35,6 @@ def result_path(method: str, dataset: str) -> Path:
     return Path("results") / f"{method}_{dataset}.json"
 
 
-def checkpoint_path(method: str, dataset: str) -> Path:
-    """The resumable training state: deliberately NOT a declared output (Snakemake and DVC delete those)."""
-    return Path("checkpoints") / f"{method}_{dataset}.pt"
-
-
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -64,36 +60,71 @@ def cmd_prepare(args) -> None:
         f"{'x'.join(map(str, meta['shape']))} from {meta['source']['how']} -> {args.out or prepared_dir(args.dataset)}")
 
 
-def cmd_train(args) -> None:
+def teacher_path(dataset: str) -> Path:
+    return Path("models") / f"teacher_{dataset}.pt"
+
+
+def run_training(cfg, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
+    """Train (or resume) one configuration, then write its model file and metrics JSON, logged to MLflow."""
     from .checkpoint import save_model
-    from .config import Params
     from .data import load_split
     from .io import write_json
     from .tracking import TrainingTracker, tracking_uri
     from .trainer import Trainer
 
-    cfg = Params.load(args.params).resolve(args.method, args.dataset)
-    images, labels, meta = load_split(prepared_dir(args.dataset), "train")
+    images, labels, meta = load_split(prepared_dir(cfg.dataset), "train")
     tracker = TrainingTracker(cfg.experiment, log=log)
-    trainer = Trainer(cfg, images, labels, checkpoint_path(args.method, args.dataset), callbacks=[tracker], log=log)
-    history = trainer.fit(resume=not args.restart)
+    # the resumable training state is deliberately NOT a declared output (Snakemake and DVC delete those)
+    trainer = Trainer(cfg, images, labels, Path("checkpoints") / f"{cfg.name}.pt", callbacks=[tracker], log=log,
+                      teacher=teacher)
+    history = trainer.fit(resume=not restart)
     totals = {"seconds": sum(h["seconds"] for h in history), "passes": sum(h["passes"] for h in history),
               "optimizer_steps": sum(h["optimizer_steps"] for h in history), "epochs": len(history)}
     model_meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
                   "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"], "eps": cfg.eps,
                   "fingerprint": cfg.train_fingerprint(), "mlflow_run_id": trainer.run_id, "train": totals,
-                  "data_sha256": meta["sha256"]["train.pt"]}
-    save_model(model_path(args.method, args.dataset), trainer.model, model_meta)
-    mpath = train_metrics_path(args.method, args.dataset)
-    write_json(mpath, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "params": cfg.flat_params(),
-                       "device": str(trainer.device), "bf16": trainer.use_bf16, "totals": totals,
-                       "mlflow_run_id": trainer.run_id, "mlflow_tracking_uri": tracking_uri(), "versions": versions(),
-                       "epochs": history})
+                  "stop_reason": trainer.stop_reason, "data_sha256": meta["sha256"]["train.pt"]}
+    save_model(out_model, trainer.model, model_meta, kind=kind, teacher=getattr(trainer.method, "teacher", None))
+    write_json(out_metrics, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
+                             "params": cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16,
+                             "totals": totals, "stop_reason": trainer.stop_reason, "mlflow_run_id": trainer.run_id,
+                             "mlflow_tracking_uri": tracking_uri(), "versions": versions(), "epochs": history})
     tracker.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=len(history), prefix="train_")
-    tracker.log_artifacts([mpath])
+    if trainer.stop_reason:
+        tracker.set_tags({"stop_reason": trainer.stop_reason[:5000]})
+    tracker.log_artifacts([out_metrics])
     tracker.finish()
-    log(f"[train] {cfg.name}: {totals['epochs']} epochs, {totals['passes']} forward/backward passes, "
-        f"{totals['seconds']:.1f}s -> {model_path(args.method, args.dataset)}")
+    log(f"[train] {cfg.name}: {totals['epochs']} epochs, {totals['passes']:g} forward/backward passes, "
+        f"{totals['seconds']:.1f}s -> {out_model}")
+
+
+def cmd_pretrain(args) -> None:
+    from .config import Params
+
+    cfg = Params.load(args.params).teacher_config(args.dataset)
+    run_training(cfg, teacher_path(args.dataset), train_metrics_path("teacher", args.dataset), args.restart,
+                 kind="teacher")
+
+
+def load_teacher(cfg):
+    """DYNAT's pretrained teacher, built from what its file records."""
+    from .checkpoint import load_model
+    from .models import build_model
+
+    meta, state = load_model(teacher_path(cfg.dataset), expect={"dataset": cfg.dataset}, kind="teacher")
+    info = cfg.info
+    teacher = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
+    teacher.load_state_dict(state)
+    return teacher
+
+
+def cmd_train(args) -> None:
+    from .config import Params
+
+    cfg = Params.load(args.params).resolve(args.method, args.dataset)
+    teacher = load_teacher(cfg) if args.method == "dynat" else None
+    run_training(cfg, model_path(args.method, args.dataset), train_metrics_path(args.method, args.dataset),
+                 args.restart, teacher=teacher)
 
 
 def cmd_evaluate(args) -> None:
@@ -193,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dataset")
     p.add_argument("--restart", action="store_true", help="ignore a saved training state and start afresh")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("pretrain", help="clean training of DYNAT's teacher for DATASET (methods.dynat.teacher_epochs)")
+    p.add_argument("dataset")
+    p.add_argument("--restart", action="store_true", help="ignore a saved training state and start afresh")
+    p.set_defaults(fn=cmd_pretrain)
     p = sub.add_parser("evaluate", help="clean, PGD and AutoAttack accuracy of a trained model")
     p.add_argument("method")
     p.add_argument("dataset")

@@ -207,10 +207,11 @@ class RunConfig:
     seed: int
     experiment: str
     info: dict = field(default_factory=dict)  # shape, classes, mean, std
+    run_name: str | None = None  # default: METHOD_DATASET
 
     @property
     def name(self) -> str:
-        return f"{self.method}_{self.dataset}"
+        return self.run_name or f"{self.method}_{self.dataset}"
 
     def train_fingerprint(self) -> str:
         """A hash of everything that changes what training computes (not evaluation settings)."""
@@ -239,8 +240,8 @@ class Params:
         self.path = path
         top = {
             "seed": integer(0),
-            "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(choice(*DATASETS))},
-                            {"methods": [], "datasets": []}),
+            "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(choice(*DATASETS)),
+                             "dynat": list_of(choice(*DATASETS))}, {"methods": [], "datasets": [], "dynat": []}),
             "datasets": section({}, extra=lambda k: k in DATASETS, extra_check=_dataset_schema()),
             "models": section({name: section(m.params) for name, m in MODELS.items()}),
             "methods": section({name: self._method_schema(m) for name, m in METHODS.items()}),
@@ -255,6 +256,9 @@ class Params:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(top)})")
         # the sections (mappings) fill their own defaults from None
         self.data = {k: check(copy.deepcopy(raw.get(k, 0 if k == "seed" else None)), k) for k, check in top.items()}
+        if "dynat" in self.data["runs"]["methods"]:
+            raise ConfigError(f"{path}: runs.methods: list DYNAT's datasets under runs.dynat instead "
+                              "(DYNAT has its own teacher-pretraining stage)")
         for dataset in self.data["datasets"]:
             self.check_dataset(dataset)
         for method, dataset in self.runs:
@@ -336,5 +340,26 @@ class Params:
 
     @property
     def runs(self) -> list[tuple[str, str]]:
-        """Every (method, dataset) pair of `runs`: each method on each dataset."""
-        return [(m, d) for d in self.data["runs"]["datasets"] for m in self.data["runs"]["methods"]]
+        """Every (method, dataset) pair of `runs`: each method on each dataset, then DYNAT on its datasets."""
+        runs = self.data["runs"]
+        return [(m, d) for d in runs["datasets"] for m in runs["methods"]] + [("dynat", d) for d in runs["dynat"]]
+
+    def teacher_config(self, dataset: str) -> RunConfig:
+        """DYNAT's teacher: clean (standard) training of `teacher_model` for `teacher_epochs` epochs."""
+        cfg = self.resolve("dynat", dataset)
+        p = cfg.method_params
+        model = p["teacher_model"] or cfg.model
+        if model not in self._models():
+            raise ConfigError(f"{self.path}: methods.dynat.teacher_model must be one of {', '.join(self._models())}, "
+                              f"got {model!r}")
+        cfg.method, cfg.model, cfg.run_name = "standard", model, f"teacher_{dataset}"
+        cfg.method_params = {"holdout": p["check_points"]}  # never trained on the images its accuracy is checked on
+        cfg.model_kwargs = dict(self.data["models"].get(model, {}))
+        cfg.training = {**cfg.training, "epochs": p["teacher_epochs"]}
+        return cfg
+
+    @staticmethod
+    def _models():
+        from .models import MODELS
+
+        return MODELS

@@ -111,6 +111,24 @@ def _figures(dataset: str, rows: list[dict]):
         fig.suptitle(f"{dataset}: gradient magnitude and the iteration count it drives")
         yield f"{dataset}_magnitude", f"{dataset}: gradient magnitude and replay/step count per epoch", png(fig)
 
+    labelled = [r for r in rows if any("label_agreement" in c for c in r["curves"])]
+    for r in labelled:  # DYNAT's "weak to strong": the teacher's labels grow more accurate as it learns
+        fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
+        ep = [c["epoch"] for c in r["curves"]]
+        ax.plot(ep, [100 * c["label_agreement"] for c in r["curves"]], marker="o", ms=3,
+                label="dynamic labels = ground truth (training batches)")
+        if all("teacher_acc" in c for c in r["curves"]):
+            ax.plot(ep, [100 * c["teacher_acc"] for c in r["curves"]], marker="s", ms=3,
+                    label="teacher's clean accuracy (held-out images)")
+        ax.plot(ep, [100 * c["adv_acc"] for c in r["curves"]], marker="^", ms=3, label="student's adversarial training accuracy")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"{dataset}: {r['method']}, weak-to-strong dynamic labels")
+        yield f"{dataset}_{r['method']}_labels", f"{dataset}: {r['method']} label agreement per epoch", png(fig)
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     pts = [(r.get("train", {}).get("seconds", 0), 100 * r.get("autoattack", {}).get("robust_acc", r["robust_acc"]))
            for r in rows]

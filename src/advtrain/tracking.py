@@ -107,6 +107,15 @@ class Tracker:
         except Exception as e:
             self._warn("logging artifacts", e)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.disabled or not self.run_id:
+            return
+        try:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+        except Exception as e:
+            self._warn("setting tags", e)
+
     def finish(self) -> None:
         if self.disabled or not self.run_id:
             return

@@ -44,7 +44,8 @@ def lr_at(progress: float, tr: dict) -> float:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
-                 checkpoint_path: str | Path, callbacks: list[Callbacks] = (), log: Callable[[str], None] = print):
+                 checkpoint_path: str | Path, callbacks: list[Callbacks] = (), log: Callable[[str], None] = print,
+                 teacher: torch.nn.Module | None = None):
         self.cfg, self.tr = cfg, cfg.training
         self.log = log
         self.callbacks = list(callbacks)
@@ -75,6 +76,10 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
         self.method.setup(self)
+        if getattr(self.method, "needs_teacher", False):
+            if teacher is None:
+                raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.dataset}` first")
+            self.method.attach_teacher(self, teacher)
         self.epoch = 0  # epochs completed
         self.stop_reason: str | None = None  # set by an end-of-epoch check; training ends after that epoch
         self.history: list[dict] = []

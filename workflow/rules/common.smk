@@ -4,11 +4,12 @@ import json
 METHODS = sorted(config.get("methods", {}))
 DATASETS = sorted(config.get("datasets", {}))
 RUNS = [(m, d) for d in config["runs"]["datasets"] for m in config["runs"]["methods"]]
+RUNS += [("dynat", d) for d in config["runs"].get("dynat", [])]  # DYNAT: pretrain -> train -> evaluate
 
 
 wildcard_constraints:
-    method="[a-z0-9]+",
-    dataset="[a-z0-9]+",
+    method="|".join(METHODS),  # only configured methods: models/teacher_{dataset}.pt is pretrain's
+    dataset="|".join(DATASETS),
 
 
 def settings(*keys):

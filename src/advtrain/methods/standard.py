@@ -1,12 +1,33 @@
-"""Standard (clean) training: the non-robust baseline."""
+"""Standard (clean) training: the non-robust baseline, and the way DYNAT's teacher is pretrained.
+
+With `holdout: N` the last N training images are kept out of training and the clean accuracy on them is reported
+each epoch (DYNAT's teacher holds out the same images its student's check uses)."""
+import torch
 import torch.nn.functional as F
 
+from ..config import integer
 from .base import Method
 
 
 class Standard(Method):
     name = "standard"
+    params = {"holdout": integer(0)}
+    defaults = {"holdout": 0}
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.holdout = self.p["holdout"]
 
     def step(self, trainer, x, y):
         logits, loss = trainer.update(x, lambda logits: F.cross_entropy(logits, y))
         trainer.record(loss, clean=(logits, y))
+
+    def end_epoch(self, trainer, epoch, metrics):
+        if trainer.holdout is None:
+            return {}
+        x, y = trainer.holdout
+        trainer.model.eval()
+        with torch.no_grad(), trainer.autocast():
+            acc = (trainer.model(x).argmax(1) == y).sum().item() / len(y)
+        trainer.model.train()
+        return {"holdout_acc": acc}
