@@ -255,3 +255,26 @@ def test_dynat_refuses_to_start_without_its_teacher(tmp_path):
 
     with pytest.raises(UserError, match="advtrain pretrain fashionmnist"):
         Trainer(config("dynat"), *synthetic(), tmp_path / "c.pt", log=lambda m: None)
+
+
+def test_learning_rate_schedules_are_stepped_per_optimizer_step(tmp_path):
+    from advtrain.trainer import lr_at
+
+    tr = {"lr": 0.2, "schedule": "cyclic", "cyclic_peak": 0.4, "milestones": [], "lr_decay": 0.1}
+    assert lr_at(0.2, tr) == pytest.approx(0.1) and lr_at(0.4, tr) == pytest.approx(0.2) and lr_at(1.0, tr) == 0
+    tr = {"lr": 0.1, "schedule": "piecewise", "milestones": [0.5, 0.75], "lr_decay": 0.1, "cyclic_peak": 0.4}
+    assert [lr_at(p, tr) for p in (0.25, 0.5, 0.8)] == pytest.approx([0.1, 0.01, 0.001])
+    # FREE's replays advance the schedule inside a minibatch: 2 batches x 4 replays = 8 distinct steps of a cycle
+    cfg = config("free", {"replays": 4}, {"epochs": 4, "batch_size": 32, "schedule": "cyclic", "lr": 0.1})
+    seen = []
+
+    class Watch(Trainer):
+        def update(self, *a, **k):
+            out = super().update(*a, **k)
+            seen.append(self.optimizer.param_groups[0]["lr"])
+            return out
+
+    Watch(cfg, *synthetic(64), tmp_path / "c.pt", log=lambda m: None).fit()
+    tr = Trainer(cfg, *synthetic(64), tmp_path / "d.pt", log=lambda m: None).tr
+    assert seen == pytest.approx([lr_at((i + 1) / 8, tr) for i in range(8)])  # each step its own point of the cycle
+    assert seen[0] > 0 and seen[-1] == 0

@@ -18,14 +18,15 @@ AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["a
 
 
 def _autoattack_module():
+    """(module, name, keyword of the batch size): pyautoattack says batch_size=, the official module bs=."""
     try:
         import pyautoattack as aa
 
-        return aa, "pyautoattack " + getattr(aa, "__version__", "?")
+        return aa, "pyautoattack " + getattr(aa, "__version__", "?"), "batch_size"
     except ImportError:
         import autoattack as aa  # the official repository's module
 
-        return aa, "autoattack (official)"
+        return aa, "autoattack (official)", "bs"
 
 
 class _Collect(logging.Handler):
@@ -47,7 +48,7 @@ class _Collect(logging.Handler):
 def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
                batch_size: int, seed: int, device: torch.device, log: Callable[[str], None] = print) -> dict:
     """The AutoAttack cascade on (x, y); returns robust flags and the robust accuracy after each attack."""
-    aa_mod, aa_name = _autoattack_module()
+    aa_mod, aa_name, bs_key = _autoattack_module()
     model.eval()
     adversary = aa_mod.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
     attacks = AA_VERSIONS[version]
@@ -65,8 +66,9 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
             idx = robust.nonzero().squeeze(1)
             if len(idx):
                 adversary.attacks_to_run = [attack]
-                xa, ya = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-                fooled = ya.to(y.device) != y[idx]
+                out = adversary.run_standard_evaluation(x[idx], y[idx], **{bs_key: batch_size})
+                xa = (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
+                fooled = predict(model, xa, batch_size) != y[idx]
                 robust[idx[fooled]] = False
                 x_adv[idx[fooled]] = xa[fooled].to(x.device)
             after[attack] = robust.sum().item() / n

@@ -13,8 +13,6 @@ Its state (count, threshold) is saved in the training checkpoint, so a resumed r
 A fixed schedule (DEAT-d: count = start + floor(epoch / d), capped) is available as `every=d`."""
 from __future__ import annotations
 
-import math
-
 
 class MagnitudeRule:
     def __init__(self, gamma: float, maximum: int, start: int = 1, every: int | None = None):
@@ -32,7 +30,7 @@ class MagnitudeRule:
             self.count = min(self.maximum, self.start + 1)
         elif epoch == 1 or self.threshold is None:
             self.threshold = self.gamma * magnitude
-        elif magnitude > self.threshold and self.count < self.maximum and math.isfinite(magnitude):
+        elif magnitude > self.threshold and self.count < self.maximum:
             self.count += 1
             self.threshold = self.gamma * magnitude
         return self.count

@@ -102,15 +102,17 @@ class Trainer:
         finally:
             self.model.train(True)
 
-    def count_attack_passes(self, steps: int, n_images: int) -> None:
-        """Attack work: `steps` forward+backward passes over `n_images` images."""
+    def count_passes(self, steps: int, n_images: int) -> None:
+        """Work besides `update`'s own pass (attacks, a second network): `steps` forward+backward passes over
+        `n_images` images."""
         self._image_passes += steps * n_images
 
     def update(self, inputs: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-               within_batch: float = 0.0, measure: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               within_batch: float = 1.0, measure: bool | slice = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward + backward + optimizer step on `inputs` (model in train mode). The backward also yields the
-        input gradient; with `measure` its L1 norm is added to the epoch's gradient magnitude (no extra pass).
-        `within_batch` in [0, 1) places a replay inside its minibatch for the learning-rate schedule.
+        input gradient; with `measure` (True, or a slice of the batch: its adversarial part) its L1 norm is added to
+        the epoch's gradient magnitude (no extra pass). `within_batch` in (0, 1] is the share of the minibatch's
+        optimizer steps done after this one (replays), for the learning-rate schedule.
         Returns (logits, loss); the input gradient is left in `self.input_grad`."""
         inputs = inputs.detach().requires_grad_(True)
         with self.autocast():
@@ -119,8 +121,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.input_grad = inputs.grad
-        if measure:
-            self._acc["grad_l1"] += inputs.grad.detach().abs().sum(dtype=torch.float32)
+        if measure is not False:
+            grad = inputs.grad if measure is True else inputs.grad[measure]
+            self._acc["grad_l1"] += grad.detach().abs().sum(dtype=torch.float32)
         self._acc["finite"] &= torch.isfinite(loss.detach())
         self._image_passes += len(inputs)
         progress = (self._batch + within_batch) / (self.epochs * len(self.loader))

@@ -29,7 +29,7 @@ class DEAT(MagnitudeDriven, Method):
         r, a = self.rule.count, self.step_size()
         x_adv = uniform_start(x, self.eps)  # a fresh start for every minibatch (FREE keeps one)
         for i in range(r):
-            logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y), within_batch=i / r,
+            logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y), within_batch=(i + 1) / r,
                                           measure=i == r - 1)
             if i < r - 1:
                 x_adv = project_box(x_adv + a * trainer.input_grad.sign(), x, self.eps)

@@ -56,7 +56,7 @@ class DYNAT(Method):
                     logits = model(x_adv)
                 grad, = torch.autograd.grad(F.cross_entropy(logits.float(), labels), x_adv)
                 x_adv = project_box(x_adv.detach() + self.alpha * grad.sign(), x, self.eps)
-        trainer.count_attack_passes(steps + concurrent, len(x))  # + the teacher's own forward/backward
+        trainer.count_passes(steps + concurrent, len(x))  # + the teacher's own forward/backward
 
         def loss_fn(logits):
             loss = F.cross_entropy(logits, labels)

@@ -35,7 +35,7 @@ class Free(Method):
         delta = self.delta[: len(x)]  # a smaller last minibatch uses delta's leading slice
         for i in range(m):
             x_adv = torch.clamp(x + delta, 0, 1)
-            logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y), within_batch=i / m,
+            logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y), within_batch=(i + 1) / m,
                                           measure=i == m - 1)
             # the gradient w.r.t. delta passes the box clamp only where x + delta was inside [0, 1]
             inside = (x + delta >= 0) & (x + delta <= 1)

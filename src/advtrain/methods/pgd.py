@@ -30,7 +30,9 @@ class PGD(Method):
         if steps and len(x_adv):
             with trainer.attack_mode(self.p["attack_mode"]):
                 x_adv = pgd(trainer.model, x_adv, y_adv, self.eps, self.step_size(), steps, autocast=trainer.autocast)
-            trainer.count_attack_passes(steps, len(x_adv))
+            trainer.count_passes(steps, len(x_adv))
+
+        f = (len(x) - n_clean) / len(x)  # the share really attacked (a last, odd-sized batch rounds)
 
         def loss_fn(logits):
             parts = []
@@ -40,5 +42,6 @@ class PGD(Method):
                 parts.append(f * F.cross_entropy(logits[n_clean:], y_adv))
             return sum(parts)
 
-        logits, loss = trainer.update(torch.cat([x[:n_clean], x_adv]), loss_fn)
+        # the gradient magnitude is the attacked part's (what the magnitude rule of M+PGD watches)
+        logits, loss = trainer.update(torch.cat([x[:n_clean], x_adv]), loss_fn, measure=slice(n_clean, None))
         trainer.record(loss, clean=(logits[:n_clean], y[:n_clean]), adv=(logits[n_clean:], y_adv))

@@ -1,7 +1,8 @@
 """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(f(x) || f(x_adv)).
 
 Inner maximisation with the model in eval mode: x_adv = x + 0.001 * N(0, 1), then K steps of alpha * sign(grad) on
-KL(f(x) || f(x_adv)), box/project each step. Outer: clean and adversarial images in ONE forward (BN sees both)."""
+KL(f(x) || f(x_adv)), box/project each step. Outer, in train mode: two forwards, on x then on x_adv, as the reference
+(batch norm normalises each on its own); the gradient magnitude is taken on x_adv."""
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +27,7 @@ def trades_attack(trainer, x, eps, alpha, steps):
                 logits = model(x_adv)
             grad, = torch.autograd.grad(kl(logits.float(), p_clean, "sum"), x_adv)
             x_adv = project_box(x_adv.detach() + alpha * grad.sign(), x, eps)
-    trainer.count_attack_passes(steps, len(x))
+    trainer.count_passes(steps, len(x))
     return x_adv.detach()
 
 
@@ -43,11 +44,13 @@ class TRADES(Method):
 
     def step(self, trainer, x, y):
         x_adv = trades_attack(trainer, x, self.eps, self.step_size(), self.attack_steps())
-        n, beta = len(x), self.p["beta"]
+        beta = self.p["beta"]
+        with trainer.autocast():
+            clean = trainer.model(x).float()  # train mode; its backward happens with update's
+        trainer.count_passes(1, len(x))
 
-        def loss_fn(logits):
-            clean, adv = logits[:n], logits[n:]
+        def loss_fn(adv):
             return F.cross_entropy(clean, y) + beta * kl(adv, F.softmax(clean, dim=1))
 
-        logits, loss = trainer.update(torch.cat([x, x_adv]), loss_fn)
-        trainer.record(loss, clean=(logits[:n], y), adv=(logits[n:], y), n=n)  # n examples, seen clean and attacked
+        adv, loss = trainer.update(x_adv, loss_fn)
+        trainer.record(loss, clean=(clean, y), adv=(adv, y), n=len(x))  # n examples, seen clean and attacked
