@@ -25,6 +25,8 @@ def test_repo_params_are_valid_and_resolve():
     (("datasets", "fashionmnist", "eps"), 1.5, "datasets.fashionmnist.eps"),
     (("datasets", "cifar10", "eps"), "8/0", "datasets.cifar10.eps"),
     (("training", "epochs"), 2.5, "training.epochs must be an integer"),
+    (("training", "lr"), float("inf"), "training.lr must be a finite number > 0"),
+    (("datasets", "cifar10", "alpha"), "1e400/1", "datasets.cifar10.alpha"),
     (("training", "schedule"), "cosine", "training.schedule must be one of"),
     (("training", "lrr"), 0.1, "unknown key 'training.lrr'"),
     (("methods", "pgd", "fraction"), 1.2, "methods.pgd.fraction"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -51,11 +52,16 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
         if isinstance(v, str):
             try:
                 v = float(Fraction(v.replace(" ", "")))
-            except (ValueError, ZeroDivisionError):
+            except (ValueError, ZeroDivisionError, OverflowError):
                 _fail(key, want + " (or a fraction like 8/255)", v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
             _fail(key, want, v)
-        v = float(v)
+        try:
+            v = float(v)
+        except OverflowError:  # an int too large for a float
+            _fail(key, want, v)
+        if not math.isfinite(v):
+            _fail(key, "a finite " + want.removeprefix("a "), v)
         if lo is not None and (v <= lo if lo_open else v < lo):
             _fail(key, want, v)
         if hi is not None and (v >= hi if hi_open else v > hi):
