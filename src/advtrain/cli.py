@@ -106,16 +106,25 @@ def cmd_pretrain(args) -> None:
                  kind="teacher")
 
 
-def load_teacher(cfg):
-    """DYNAT's pretrained teacher, built from what its file records."""
+def load_classifier(path: Path, cfg, expect: dict, kind: str = "model"):
+    """(meta, model) of a model file, the architecture built from what the file records."""
     from .checkpoint import load_model
     from .models import build_model
 
-    meta, state = load_model(teacher_path(cfg.dataset), expect={"dataset": cfg.dataset}, kind="teacher")
+    meta, state = load_model(path, expect=expect, kind=kind)
     info = cfg.info
-    teacher = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
-    teacher.load_state_dict(state)
-    return teacher
+    model = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its weights do not fit a {meta['model']} ({str(e).splitlines()[0][:150]}): "
+                        "retrain it") from None
+    return meta, model
+
+
+def load_teacher(cfg):
+    """DYNAT's pretrained teacher."""
+    return load_classifier(teacher_path(cfg.dataset), cfg, expect={"dataset": cfg.dataset}, kind="teacher")[1]
 
 
 def cmd_train(args) -> None:
@@ -130,24 +139,16 @@ def cmd_train(args) -> None:
 def cmd_evaluate(args) -> None:
     import torch
 
-    from .checkpoint import load_model
     from .config import Params
     from .data import load_split
     from .evaluate import evaluate
     from .io import write_json
-    from .models import build_model
     from .tracking import Tracker
     from .trainer import pick_device
 
     cfg = Params.load(args.params).resolve(args.method, args.dataset)
     mpath = model_path(args.method, args.dataset)
-    meta, state = load_model(mpath, expect={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
-    info = cfg.info
-    model = build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{mpath}: its weights do not fit a {cfg.model} ({str(e).splitlines()[0][:150]}): retrain it") from None
+    meta, model = load_classifier(mpath, cfg, expect={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
     model.use_channels_last(cfg.training["channels_last"] is not False)  # same numbers, faster (see trainer.py)
     images, labels, _ = load_split(prepared_dir(args.dataset), "test")
     ev = cfg.evaluation

@@ -352,20 +352,16 @@ class Params:
 
     def teacher_config(self, dataset: str) -> RunConfig:
         """DYNAT's teacher: clean (standard) training of `teacher_model` for `teacher_epochs` epochs."""
+        from .models import MODELS
+
         cfg = self.resolve("dynat", dataset)
         p = cfg.method_params
         model = p["teacher_model"] or cfg.model
-        if model not in self._models():
-            raise ConfigError(f"{self.path}: methods.dynat.teacher_model must be one of {', '.join(self._models())}, "
+        if model not in MODELS:
+            raise ConfigError(f"{self.path}: methods.dynat.teacher_model must be one of {', '.join(MODELS)}, "
                               f"got {model!r}")
         cfg.method, cfg.model, cfg.run_name = "standard", model, f"teacher_{dataset}"
         cfg.method_params = {"holdout": p["check_points"]}  # never trained on the images its accuracy is checked on
         cfg.model_kwargs = dict(self.data["models"].get(model, {}))
         cfg.training = {**cfg.training, "epochs": p["teacher_epochs"]}
         return cfg
-
-    @staticmethod
-    def _models():
-        from .models import MODELS
-
-        return MODELS

@@ -70,7 +70,7 @@ def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
                 xa = (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
                 fooled = predict(model, xa, batch_size) != y[idx]
                 robust[idx[fooled]] = False
-                x_adv[idx[fooled]] = xa[fooled].to(x.device)
+                x_adv[idx[fooled]] = xa[fooled]
             after[attack] = robust.sum().item() / n
             seconds[attack] = time.perf_counter() - t0
             log(f"[autoattack] robust accuracy after {attack}: {100 * after[attack]:.2f}% ({seconds[attack]:.1f}s)")

@@ -77,7 +77,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
         self.method.setup(self)
-        if getattr(self.method, "needs_teacher", False):
+        if self.method.needs_teacher:
             if teacher is None:
                 raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.dataset}` first")
             self.method.attach_teacher(self, teacher)

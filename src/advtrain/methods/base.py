@@ -18,6 +18,7 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
 
     holdout: int = 0  # training images the trainer keeps aside for this method's end-of-epoch check
+    needs_teacher: ClassVar[bool] = False  # DYNAT: the trainer hands it the pretrained teacher (attach_teacher)
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

@@ -12,7 +12,7 @@ The teacher comes from the `pretrain` stage (models/teacher_<dataset>.pt, `teach
 import torch
 import torch.nn.functional as F
 
-from ..attacks import project_box
+from ..attacks import predict, project_box
 from ..config import choice, integer, number, optional, text
 from .base import Method
 
@@ -76,8 +76,7 @@ class DYNAT(Method):
         if trainer.holdout is not None:
             x, y = trainer.holdout
             self.teacher.eval()
-            with torch.no_grad(), trainer.autocast():
-                out["teacher_acc"] = (self.teacher(x).argmax(1) == y).sum().item() / len(y)
+            out["teacher_acc"] = (predict(self.teacher, x, autocast=trainer.autocast) == y).sum().item() / len(y)
         return out
 
     def state_dict(self) -> dict:

@@ -2,9 +2,9 @@
 
 With `holdout: N` the last N training images are kept out of training and the clean accuracy on them is reported
 each epoch (DYNAT's teacher holds out the same images its student's check uses)."""
-import torch
 import torch.nn.functional as F
 
+from ..attacks import predict
 from ..config import integer
 from .base import Method
 
@@ -27,7 +27,6 @@ class Standard(Method):
             return {}
         x, y = trainer.holdout
         trainer.model.eval()
-        with torch.no_grad(), trainer.autocast():
-            acc = (trainer.model(x).argmax(1) == y).sum().item() / len(y)
+        acc = (predict(trainer.model, x, autocast=trainer.autocast) == y).sum().item() / len(y)
         trainer.model.train()
         return {"holdout_acc": acc}
