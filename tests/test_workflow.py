@@ -19,7 +19,12 @@ def test_snakemake_end_to_end(snakemake_project):
         assert aa["attacks"] == ["apgd-ce", "apgd-t"] and set(aa["robust_acc_after"]) == set(aa["attacks"])
         stages = [r["clean_acc"], *aa["robust_acc_after"].values()]
         assert all(a >= b for a, b in zip(stages, stages[1:])), stages  # the cascade only removes points
-        assert r["robust_acc"] <= min(aa["robust_acc"], r["pgd"]["acc"]) + 1e-9
+        assert r["robust_acc"] <= min(aa["robust_acc"], r["pgd"]["acc"], r["cw"]["acc"]) + 1e-9
+        rb = r["robustbench"]  # RobustBench's model-info shape
+        assert rb["eps"] == "1/10" and rb["threat_model"] == "Linf" and rb["architecture"] == "SmallCNN"
+        assert rb["clean_acc"] == f"{100 * r['clean_acc']:.2f}" and rb["autoattack_acc"] == f"{100 * aa['robust_acc']:.2f}"
+        assert rb["additional_data"] is False and rb["full_test_set"] is False
+        assert len(r["examples"]["adv_u8"]) == 8
         assert r["train"]["passes"] > 0 and r["versions"]["torch"]
     # PGD-AT really is more robust than standard training, on the same data and budget
     assert results["pgd"]["robust_acc"] > results["standard"]["robust_acc"] + 0.10, results
@@ -29,7 +34,10 @@ def test_snakemake_end_to_end(snakemake_project):
     e = metrics["epochs"][0]
     assert e["attack_steps"] == 3 and e["passes"] == 30 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
-    assert "<table>" in html and html.count("data:image/png;base64,") == 3  # curves, DYNAT's labels, time
+    assert "<table>" in html and "CHECK FAILED" not in html
+    for fig in ("curves", "dynat_labels", "autoattack_stages", "examples", "time"):
+        assert f'id="fig-fashionmnist_{fig}"' in html, fig
+    assert html.count("data:image/png;base64,") == 5
     assert "| pgd | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
 
 
@@ -38,7 +46,11 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
     exp = client.get_experiment_by_name("advtrain")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_fashionmnist",
-                         "dynat_fashionmnist"}  # one run per (method, dataset), and DYNAT's teacher
+                         "dynat_fashionmnist", "report"}  # one run per (method, dataset), DYNAT's teacher, the report
+    report_files = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
+    assert {"report.html", "report.md", "figures"} <= report_files
+    figures = {a.path for a in client.list_artifacts(runs["report"].info.run_id, "figures")}
+    assert "figures/fashionmnist_examples.png" in figures
     run_ = runs["pgd_fashionmnist"]
     history = client.get_metric_history(run_.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]
@@ -48,6 +60,7 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
         assert len(client.get_metric_history(run_.info.run_id, key)) == 2, key
     result = json.loads((snakemake_project / "results/pgd_fashionmnist.json").read_text())
     assert run_.data.metrics["eval_autoattack_acc"] == result["autoattack"]["robust_acc"]  # evaluation, same run
+    assert run_.data.metrics["eval_cw_acc"] == result["cw"]["acc"]
     assert run_.data.params["method.steps"] == "3" and run_.data.params["eps"] == "0.1"
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
     assert {"pgd_fashionmnist.json"} <= artifacts

@@ -176,11 +176,12 @@ EVALUATION = {
     "pgd_steps": integer(0),
     "pgd_restarts": integer(1),
     "pgd_alpha": optional(number(0, lo_open=True)),  # null: eps / 4
+    "cw_steps": integer(0),  # CW-k: PGD on the margin loss, same restarts and step size; 0 = off
     "autoattack": choice("standard", "fast", "off"),
     "device": choice("auto", "cpu", "cuda"),
 }
 EVALUATION_DEFAULTS = {"n_points": None, "batch_size": 500, "pgd_steps": 20, "pgd_restarts": 1, "pgd_alpha": None,
-                       "autoattack": "standard", "device": "auto"}
+                       "cw_steps": 20, "autoattack": "standard", "device": "auto"}
 
 AUGMENT = {"crop": integer(0), "flip": boolean}
 

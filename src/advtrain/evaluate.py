@@ -1,20 +1,39 @@
-"""Robustness evaluation: clean accuracy, PGD-k with restarts, and AutoAttack with a per-attack breakdown.
+"""Robustness evaluation: clean accuracy, PGD-k and CW-k with restarts, and AutoAttack with a per-attack breakdown.
 
-AutoAttack comes from the `pyautoattack` package (or the official `autoattack` module when that is installed).
-We run its attacks as a cascade ourselves, one attack at a time on the points still robust, exactly as
-`run_standard_evaluation` does internally, so that the robust accuracy after every stage is recorded.
-The final robust accuracy is the per-point minimum over every attack run (PGD included)."""
+Every attack is a *stage* that attacks, batch by batch, the points still robust in its family:
+  pgd   PGD-k on the cross-entropy, one stage per restart (each point's worst case over the restarts)
+  cw    CW-k: the same PGD on the margin loss (Carlini & Wagner's), one stage per restart
+  aa    AutoAttack's cascade (APGD-CE, APGD-T, FAB-T, Square; or APGD-CE, APGD-T for "fast"), from the clean-correct
+        points, exactly as `run_standard_evaluation` runs it, so its numbers are AutoAttack's own
+The final robust accuracy is the per-point minimum over every attack run.
+
+AutoAttack comes from the `pyautoattack` package (or the official `autoattack` module when that is installed). We
+call it once per attack and batch, which is what its own loop does inside (it reseeds every attack per batch), so the
+result is the same as one call, and the robust flags after every batch are ours to keep.
+
+Resumable: after every batch the state (robust flags per family, stages done, the batch reached) is saved atomically
+to a state file, keyed by the model file's sha256 and the evaluation settings; a killed evaluation rerun with the same
+command continues from the last saved batch and ends with the same result. (pyautoattack 0.2.0's own
+`state_path` restore fails with an UnboundLocalError on `y_adv` and writes its JSON in place, so we keep the
+equivalent state ourselves.)"""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .attacks import predict, worst_case
+from . import faults
+from .attacks import pgd, predict
+from .io import save_torch
 
 AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["apgd-ce", "apgd-t"]}
+N_EXAMPLES = 8  # test points whose clean and adversarial images the report shows
 
 
 def _autoattack_module():
@@ -30,88 +49,182 @@ def _autoattack_module():
 
 
 class _Collect(logging.Handler):
-    """Collects AutoAttack's own warnings (its checks on the defence) and shows its progress lines."""
+    """Collects AutoAttack's own warnings (its checks on the defence)."""
 
-    def __init__(self, log: Callable[[str], None]):
-        super().__init__(logging.DEBUG)
+    def __init__(self):
+        super().__init__(logging.WARNING)
         self.warnings: list[str] = []
-        self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(msg.strip())
-        if "successfully perturbed" not in msg:  # per-batch lines are too chatty
-            self.log(f"[autoattack] {msg}")
+        self.warnings.append(record.getMessage().strip())
 
 
-def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, version: str,
-               batch_size: int, seed: int, device: torch.device, log: Callable[[str], None] = print) -> dict:
-    """The AutoAttack cascade on (x, y); returns robust flags and the robust accuracy after each attack."""
-    aa_mod, aa_name, bs_key = _autoattack_module()
-    model.eval()
-    adversary = aa_mod.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
-    attacks = AA_VERSIONS[version]
-    logger = logging.getLogger("auto-attack")
-    handler = _Collect(log)
-    logger.addHandler(handler)
-    old_level, logger.level = logger.level, logging.DEBUG
-    n = len(y)
-    robust = predict(model, x, batch_size) == y
-    x_adv = x.clone()
-    after, seconds = {}, {}
+@dataclass
+class Stage:
+    name: str     # "pgd-20 #1", "cw-20 #1", "apgd-ce", ...
+    family: str   # pgd | cw | aa
+    attack: str   # ce | margin | an AutoAttack attack name
+
+
+def plan(ev: dict) -> list[Stage]:
+    stages = []
+    for family, loss, steps in (("pgd", "ce", ev["pgd_steps"]), ("cw", "margin", ev["cw_steps"])):
+        if steps:
+            stages += [Stage(f"{family}-{steps} #{r + 1}", family, loss) for r in range(ev["pgd_restarts"])]
+    if ev["autoattack"] != "off":
+        stages += [Stage(a, "aa", a) for a in AA_VERSIONS[ev["autoattack"]]]
+    return stages
+
+
+class _AutoAttack:
+    """One AutoAttack attack on one batch, through the package's own entry point."""
+
+    def __init__(self, model, eps: float, seed: int, device: torch.device):
+        self.module, self.package, self.bs_key = _autoattack_module()
+        self.adversary = self.module.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
+                                                device=device)
+        self.logger = logging.getLogger("auto-attack")
+        self.collect = _Collect()
+
+    def __call__(self, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.adversary.attacks_to_run = [attack]
+        self.logger.addHandler(self.collect)
+        old = self.logger.level
+        self.logger.setLevel(logging.WARNING)  # its per-batch lines are ours to print
+        try:
+            out = self.adversary.run_standard_evaluation(x, y, **{self.bs_key: len(y)})
+        finally:
+            self.logger.removeHandler(self.collect)
+            self.logger.setLevel(old)
+        return (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
+
+
+def fingerprint(model_file: Path, eps: float, ev: dict, seed: int, n: int) -> str:
+    h = hashlib.sha256(Path(model_file).read_bytes())
+    h.update(json.dumps({"eps": eps, "ev": {k: v for k, v in ev.items() if k != "device"}, "seed": seed, "n": n},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def load_state(path: Path, key: str, log: Callable[[str], None]) -> dict | None:
+    """The saved evaluation state if it belongs to this model and these settings (else None: start afresh)."""
+    if not path.exists():
+        return None
     try:
-        for attack in attacks:
-            t0 = time.perf_counter()
-            idx = robust.nonzero().squeeze(1)
-            if len(idx):
-                adversary.attacks_to_run = [attack]
-                out = adversary.run_standard_evaluation(x[idx], y[idx], **{bs_key: batch_size})
-                xa = (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
-                fooled = predict(model, xa, batch_size) != y[idx]
-                robust[idx[fooled]] = False
-                x_adv[idx[fooled]] = xa[fooled]
-            after[attack] = robust.sum().item() / n
-            seconds[attack] = time.perf_counter() - t0
-            log(f"[autoattack] robust accuracy after {attack}: {100 * after[attack]:.2f}% ({seconds[attack]:.1f}s)")
-    finally:
-        logger.removeHandler(handler)
-        logger.level = old_level
-    return {"version": version, "attacks": attacks, "robust_acc_after": after, "seconds_per_attack": seconds,
-            "robust_acc": robust.sum().item() / n, "warnings": sorted(set(handler.warnings)), "package": aa_name,
-            "robust": robust, "x_adv": x_adv}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a state file is a cache: an unreadable one only costs the time to recompute
+        log(f"[evaluate] warning: {path} is unreadable ({type(e).__name__}); evaluating afresh")
+        return None
+    if not isinstance(state, dict) or state.get("key") != key:
+        log(f"[evaluate] {path} is from another model or other settings; evaluating afresh")
+        return None
+    return state
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ev: dict, seed: int,
-             device: torch.device, log: Callable[[str], None] = print) -> dict:
+             device: torch.device, log: Callable[[str], None] = print, state_path: Path | None = None,
+             key: str = "") -> dict:
     model.eval().to(device)
     x, y = x.to(device), y.to(device)
     n, bs = len(y), ev["batch_size"]
-    out: dict = {"n_points": n}
-    t0 = time.perf_counter()
-    clean = predict(model, x, bs) == y
+    alpha = ev["pgd_alpha"] or eps / 4
+    stages = plan(ev)
+    state = load_state(state_path, key, log) if state_path else None
+    if state is None:
+        t0 = time.perf_counter()
+        clean = predict(model, x, bs) == y
+        state = {"key": key, "clean": clean.cpu(), "masks": {f: clean.cpu().clone() for f in ("pgd", "cw", "aa")},
+                 "done": [], "after": {}, "seconds": {"clean": time.perf_counter() - t0}, "current": None,
+                 "batches": 0, "warnings": [],
+                 "ex_adv": x[:N_EXAMPLES].cpu().clone(), "ex_fooled": torch.zeros(min(n, N_EXAMPLES), dtype=torch.bool)}
+    else:
+        done_batches = state["batches"]
+        log(f"[evaluate] resuming from {state_path}: {len(state['done'])}/{len(stages)} attacks and "
+            f"{done_batches} batches already done")
+    clean = state["clean"].to(device)
     acc = lambda mask: mask.sum().item() / n  # noqa: E731  (exact fractions of n, as AutoAttack reports them)
-    out["clean_acc"] = acc(clean)
-    out["seconds"] = {"clean": time.perf_counter() - t0}
-    log(f"[evaluate] clean accuracy {100 * out['clean_acc']:.2f}% on {n} points")
+    log(f"[evaluate] clean accuracy {100 * acc(clean):.2f}% on {n} points")
+
+    def save():
+        if state_path:
+            save_torch(state_path, state)
+
+    aa = None
+    for si, stage in enumerate(stages):
+        if stage.name in state["done"]:
+            continue
+        mask = state["masks"][stage.family].to(device)
+        cur = state["current"]
+        if cur and cur["stage"] == stage.name:
+            todo, first = cur["todo"].to(device), cur["next"]
+        else:
+            todo, first = mask.nonzero().squeeze(1), 0
+        if stage.family == "aa" and aa is None:
+            aa = _AutoAttack(model, eps, seed, device)
+        n_batches = (len(todo) + bs - 1) // bs
+        t0 = time.perf_counter()
+        for bi in range(first, n_batches):
+            b = todo[bi * bs:(bi + 1) * bs]
+            if stage.family == "aa":
+                x_adv = aa(stage.attack, x[b], y[b])
+            else:  # seeded per (stage, batch), so a resumed evaluation draws the same random starts
+                torch.manual_seed(seed * 1_000_003 + si * 10_007 + bi)
+                steps = ev["pgd_steps"] if stage.family == "pgd" else ev["cw_steps"]
+                x_adv = pgd(model, x[b], y[b], eps, alpha, steps, loss=stage.attack)
+            fooled = predict(model, x_adv, bs) != y[b]
+            mask[b[fooled]] = False
+            shown = b < N_EXAMPLES  # keep an adversarial image for the report's grid: the one that fooled, if any
+            for j in shown.nonzero().squeeze(1).tolist():
+                i = b[j].item()
+                if not state["ex_fooled"][i]:
+                    state["ex_adv"][i] = x_adv[j].cpu()
+                    state["ex_fooled"][i] = bool(fooled[j])
+            state["masks"][stage.family] = mask.cpu()
+            state["current"] = {"stage": stage.name, "todo": todo.cpu(), "next": bi + 1}
+            state["batches"] += 1
+            state["seconds"][stage.name] = state["seconds"].get(stage.name, 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            save()
+            if n_batches > 1:
+                log(f"[evaluate] {stage.name}: batch {bi + 1}/{n_batches}, robust {100 * acc(mask):.2f}%")
+            faults.fires("evaluate.batch")
+        state["done"].append(stage.name)
+        state["after"][stage.name] = acc(mask)
+        state["current"] = None
+        if aa is not None:
+            state["warnings"] = sorted(set(state["warnings"]) | set(aa.collect.warnings))
+        save()
+        log(f"[evaluate] robust accuracy after {stage.name}: {100 * state['after'][stage.name]:.2f}% "
+            f"({state['seconds'].get(stage.name, 0.0):.1f}s)")
+
+    masks = {f: m.to(device) for f, m in state["masks"].items()}
+    families = {s.family for s in stages}
     robust = clean.clone()
-    if ev["pgd_steps"]:
-        alpha = ev["pgd_alpha"] or eps / 4
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        pgd_robust, _ = worst_case(model, x, y, eps, alpha, ev["pgd_steps"], ev["pgd_restarts"], batch_size=bs)
-        out["pgd"] = {"steps": ev["pgd_steps"], "restarts": ev["pgd_restarts"], "alpha": alpha,
-                      "acc": acc(pgd_robust)}
-        out["seconds"]["pgd"] = time.perf_counter() - t0
-        robust &= pgd_robust
-        log(f"[evaluate] PGD-{ev['pgd_steps']} x{ev['pgd_restarts']} accuracy {100 * out['pgd']['acc']:.2f}% "
-            f"({out['seconds']['pgd']:.1f}s)")
-    if ev["autoattack"] != "off":
-        t0 = time.perf_counter()
-        aa = autoattack(model, x, y, eps, ev["autoattack"], bs, seed, device, log)
-        robust &= aa.pop("robust")
-        aa.pop("x_adv")
-        out["autoattack"] = aa
-        out["seconds"]["autoattack"] = time.perf_counter() - t0
+    for f in families:
+        robust &= masks[f]
+    out: dict = {"n_points": n, "clean_acc": acc(clean)}
+    for family, steps in (("pgd", ev["pgd_steps"]), ("cw", ev["cw_steps"])):
+        if family in families:
+            out[family] = {"steps": steps, "restarts": ev["pgd_restarts"], "alpha": alpha, "acc": acc(masks[family]),
+                           "acc_after_restart": [state["after"][s.name] for s in stages if s.family == family]}
+    if "aa" in families:
+        attacks = AA_VERSIONS[ev["autoattack"]]
+        out["autoattack"] = {
+            "version": ev["autoattack"], "attacks": attacks, "package": _autoattack_module()[1],
+            "robust_acc_after": {a: state["after"][a] for a in attacks},
+            "seconds_per_attack": {a: state["seconds"].get(a, 0.0) for a in attacks},
+            "robust_acc": acc(masks["aa"]), "warnings": state["warnings"]}
     out["robust_acc"] = acc(robust)  # per-point minimum over every attack run
+    out["seconds"] = {"clean": state["seconds"]["clean"],
+                      **{f: sum(state["seconds"].get(s.name, 0.0) for s in stages if s.family == f) for f in families}}
+    k = len(state["ex_fooled"])
+    if k:
+        adv = state["ex_adv"][:k].to(device)
+        out["examples"] = {
+            "labels": y[:k].tolist(), "clean_pred": predict(model, x[:k], bs).tolist(),
+            "adv_pred": predict(model, adv, bs).tolist(), "robust": robust[:k].tolist(),
+            "shape": list(x.shape[1:]),
+            # uint8 pixels, hex-encoded: 8 small images stay a few KB of JSON
+            "clean_u8": [(x[i] * 255).round().to(torch.uint8).cpu().numpy().tobytes().hex() for i in range(k)],
+            "adv_u8": [(adv[i] * 255).round().to(torch.uint8).cpu().numpy().tobytes().hex() for i in range(k)]}
     return out

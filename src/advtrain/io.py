@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import faults
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -21,6 +23,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        faults.fires("write", path.name)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -43,16 +43,17 @@ def _row(r: dict) -> list[str]:
     tr = r.get("train", {})
     passes = tr.get("passes")
     return [r["method"], r["model"], str(r["n_points"]), _pct(r["clean_acc"]), _pct(r.get("pgd", {}).get("acc")),
-            _pct(aa.get("robust_acc_after", {}).get("apgd-t")), aa.get("version", "off"), _pct(aa.get("robust_acc")),
+            _pct(r.get("cw", {}).get("acc")), _pct(aa.get("robust_acc_after", {}).get("apgd-t")),
+            aa.get("version", "off"), _pct(aa.get("robust_acc")),
             _pct(r["robust_acc"]), f"{tr.get('seconds', float('nan')):.0f}",
             "–" if passes is None else f"{passes:g}", str(tr.get("epochs", "–"))]
 
 
-HEADER = ["method", "model", "points", "clean %", "PGD %", "APGD-CE+T %", "AutoAttack", "AutoAttack %", "robust (min) %",
+HEADER = ["method", "model", "points", "clean %", "PGD %", "CW %", "APGD-CE+T %", "AutoAttack", "AutoAttack %", "robust (min) %",
           "train s", "passes", "epochs"]
 NOTE = ("APGD-CE+T: robust accuracy after AutoAttack's first two attacks, recorded for every run (the like-for-like "
         "column when versions differ); AutoAttack %: after every attack of the version named; robust (min): each "
-        "point's worst case over all attacks run, PGD included; passes: forward+backward work in minibatch "
+        "point's worst case over all attacks run, PGD and CW included; passes: forward+backward work in minibatch "
         "equivalents; train s: training wall time.")
 
 
@@ -129,6 +130,27 @@ def _figures(dataset: str, rows: list[dict]):
         ax.set_title(f"{dataset}: {r['method']}, weak-to-strong dynamic labels")
         yield f"{dataset}_{r['method']}_labels", f"{dataset}: {r['method']} label agreement per epoch", png(fig)
 
+    staged = [r for r in rows if r.get("autoattack")]
+    if staged:  # AutoAttack's cascade: robust accuracy after each stage (never rises)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+        longest = max((r["autoattack"]["attacks"] for r in staged), key=len)
+        for r in staged:
+            aa = r["autoattack"]
+            ys = [100 * r["clean_acc"]] + [100 * aa["robust_acc_after"][a] for a in aa["attacks"]]
+            ax.plot(range(len(ys)), ys, marker="o", ms=4, label=f"{r['method']} ({aa['version']})",
+                    color=color[r["method"]])
+        ax.set_xticks(range(len(longest) + 1), ["clean", *longest])
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{dataset}: robust accuracy after each AutoAttack stage")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        yield f"{dataset}_autoattack_stages", f"{dataset}: robust accuracy after each AutoAttack stage", png(fig)
+
+    shown = [r for r in rows if r.get("examples")]
+    if shown:
+        yield (f"{dataset}_examples", f"{dataset}: clean and adversarial test images with each model's predictions",
+               png(_example_grid(plt, shown)))
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     pts = [(r.get("train", {}).get("seconds", 0), 100 * r.get("autoattack", {}).get("robust_acc", r["robust_acc"]))
            for r in rows]
@@ -144,6 +166,50 @@ def _figures(dataset: str, rows: list[dict]):
     ax.set_title(f"{dataset}: robustness against training time")
     ax.grid(alpha=0.3)
     yield f"{dataset}_time", f"{dataset}: robust accuracy against training time", png(fig)
+
+
+def _example_grid(plt, rows: list[dict]):
+    """Per method, two rows: the first test images and the worst-case adversarial image found for each, titled
+    with the model's prediction (green: correct, red: wrong)."""
+    import numpy as np
+
+    k = max(len(r["examples"]["labels"]) for r in rows)
+    fig, axes = plt.subplots(2 * len(rows), k, figsize=(1.3 * k, 2.9 * len(rows)), layout="constrained", squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for m, r in enumerate(rows):
+        ex, names = r["examples"], r.get("class_names") or []
+        c, h, w = ex["shape"]
+        name = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
+        for row, (key, pred_key, what) in enumerate((("clean_u8", "clean_pred", "clean"), ("adv_u8", "adv_pred", "adv"))):
+            for j, hexed in enumerate(ex[key]):
+                img = np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8).reshape(c, h, w).transpose(1, 2, 0)
+                ax = axes[2 * m + row, j]
+                ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
+                ok = ex[pred_key][j] == ex["labels"][j]
+                ax.set_title(name(ex[pred_key][j]), fontsize=7, color="green" if ok else "red")
+            axes[2 * m + row, 0].text(-0.15, 0.5, f"{r['method']}\n{what}", transform=axes[2 * m + row, 0].transAxes,
+                                      ha="right", va="center", fontsize=8)
+    fig.suptitle("test images (true class: " + ", ".join(
+        (rows[0].get("class_names") or [str(i) for i in range(99)])[y] for y in rows[0]["examples"]["labels"]) + ")",
+        fontsize=8)
+    return fig
+
+
+def checks(r: dict) -> list[str]:
+    """What must hold of any honest evaluation record; the report prints any failure in red."""
+    bad = []
+    aa = r.get("autoattack")
+    if aa:
+        stages = [r["clean_acc"], *(aa["robust_acc_after"][a] for a in aa["attacks"])]
+        if any(b > a for a, b in zip(stages, stages[1:])):
+            bad.append("AutoAttack's breakdown rises between stages")
+    for family in ("pgd", "cw"):
+        if family in r and r["robust_acc"] > r[family]["acc"] + 1e-12:
+            bad.append(f"final robust accuracy above the {family.upper()} one")
+    if aa and r["robust_acc"] > aa["robust_acc"] + 1e-12:
+        bad.append("final robust accuracy above AutoAttack's")
+    return bad
 
 
 def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path]:
@@ -166,6 +232,17 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
                     + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(r)) + "</tr>" for r in rows)
                     + f"</tbody></table><p class=meta>{html.escape(NOTE)}</p>")
+        failed = {r["method"]: checks(r) for r in rows if checks(r)}
+        verdict = ("Checks: every AutoAttack breakdown is monotone and every final robust accuracy is at most its PGD, "
+                   "CW and AutoAttack ones." if not failed else
+                   "CHECK FAILED: " + "; ".join(f"{m}: {', '.join(v)}" for m, v in failed.items()))
+        md += ["", verdict]
+        body.append(f"<p class={'ok' if not failed else 'bad'}>{html.escape(verdict)}</p>")
+        warned = [(r["method"], w) for r in rows for w in r.get("autoattack", {}).get("warnings", [])]
+        if warned:
+            md += ["", "AutoAttack's own warnings:", ""] + [f"- {m}: {w}" for m, w in warned]
+            body.append("<ul class=warnings>" + "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(w)}</li>"
+                                                         for m, w in warned) + "</ul>")
         breakdown = [r for r in rows if r.get("autoattack")]
         if breakdown:
             md += ["", "Robust accuracy (%) after each AutoAttack stage:", ""]
@@ -179,12 +256,13 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
             fig_dir.mkdir(parents=True, exist_ok=True)
             (fig_dir / f"{name}.png").write_bytes(data)
             md += [f"![{title}](figures/{name}.png)", ""]
-            body.append(f"<figure><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,"
+            body.append(f"<figure id=\"fig-{html.escape(name)}\"><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,"
                         f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(title)}</figcaption></figure>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
              "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}"
-             "figure{margin:1.5em 0}figcaption{color:#666;font-size:90%}.meta{color:#666}")
+             "figure{margin:1.5em 0}figcaption{color:#666;font-size:90%}.meta{color:#666}.ok{color:#176317}"
+             ".bad{color:#b00;font-weight:bold}")
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>Adversarial training report</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"

@@ -2,17 +2,23 @@
 evaluation logs its metrics and files into the same run.
 
 Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db (MLflow 3 refuses the plain ./mlruns file store).
-An unreachable store never stops training: it warns once and the local metrics JSON stays the record."""
+An unreachable store never stops training: it warns once and the local metrics JSON stays the record;
+`advtrain sync METHOD DATASET` logs that record later. Runs are found again by a key of our own (the tag
+`advtrain_run_key`, kept in the checkpoint and the model file), so a resumed, evaluated or synced run lands in the
+same MLflow run, whichever store was reachable when."""
 from __future__ import annotations
 
 import logging
 import math
 import os
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 DEFAULT_URI = "sqlite:///mlruns.db"
+KEY_TAG = "advtrain_run_key"
 
 
 def tracking_uri() -> str:
@@ -43,33 +49,58 @@ class Tracker:
 
     def _connect(self):
         if self.client is None:
+            uri = tracking_uri()
+            url = urllib.parse.urlparse(uri)
+            if url.scheme in ("http", "https"):
+                # fail in seconds, not after MLflow's minutes of retries: the metrics JSON keeps the record anyway
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+                os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=5).close()
             _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
-            self.client = MlflowClient(tracking_uri())
+            self.client = MlflowClient(uri)
         return self.client
 
-    def open_run(self, name: str, run_id: str | None = None, tags: dict | None = None) -> str | None:
-        """Reopen `run_id` if it exists in the store, else start a new run called `name`."""
+    def open_run(self, name: str, key: str | None = None, tags: dict | None = None) -> str | None:
+        """Reopen the run tagged with our `key` if the store has it, else start a new run called `name`."""
         if self.disabled:
             return None
         try:
             client = self._connect()
-            if run_id:
-                try:
-                    client.get_run(run_id)
-                    client.update_run(run_id, status="RUNNING")
-                    self.run_id = run_id
-                    return run_id
-                except Exception:
-                    self.log(f"MLflow run {run_id} not found in {tracking_uri()}; starting a new one")
             exp = client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
-            self.run_id = client.create_run(exp_id, run_name=name, tags=tags or {}).info.run_id
+            if key:
+                found = client.search_runs([exp_id], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1)
+                if found:
+                    self.run_id = found[0].info.run_id
+                    client.update_run(self.run_id, status="RUNNING")
+                    return self.run_id
+            all_tags = {**(tags or {}), **({KEY_TAG: key} if key else {})}
+            self.run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
             return self.run_id
         except Exception as e:
             self._warn("opening a run", e)
             return None
+
+    def logged_steps(self, metric: str) -> set[int]:
+        """The steps at which `metric` is already in the run (to log a resumed or synced history only once)."""
+        if self.disabled or not self.run_id:
+            return set()
+        try:
+            return {m.step for m in self.client.get_metric_history(self.run_id, metric)}
+        except Exception as e:
+            self._warn("reading the run's history", e)
+            return set()
+
+    def log_epochs(self, epochs: list[dict]) -> None:
+        """Per-epoch metrics (step = epoch) of every epoch the run does not hold yet."""
+        done = self.logged_steps("train_loss")
+        for metrics in epochs:
+            if metrics["epoch"] not in done:
+                self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"],
+                                 prefix="train_")
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.disabled or not self.run_id:
@@ -116,23 +147,28 @@ class Tracker:
         except Exception as e:
             self._warn("setting tags", e)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         if self.disabled or not self.run_id:
             return
         try:
-            self.client.set_terminated(self.run_id)
+            self.client.set_terminated(self.run_id, status=status)
         except Exception as e:
             self._warn("closing the run", e)
 
 
 class TrainingTracker(Tracker):
-    """A trainer callback: params at the start, every epoch's metrics, the run id kept in the checkpoint."""
+    """A trainer callback: params at the start, every epoch's metrics, the run key kept in the checkpoint.
+
+    On a resumed run it first logs the epochs the checkpoint holds but the run does not (a kill can fall between an
+    epoch's checkpoint and its logging), so every epoch is in the run exactly once."""
 
     def on_start(self, trainer, resumed: bool) -> None:
         cfg = trainer.cfg
-        trainer.run_id = self.open_run(cfg.name, trainer.run_id if resumed else None,
+        trainer.run_id = self.open_run(cfg.name, trainer.run_key,
                                        tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
         self.log_params({**cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16})
+        if resumed:
+            self.log_epochs(trainer.history)
 
     def on_epoch(self, trainer, metrics: dict) -> None:
         self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"], prefix="train_")

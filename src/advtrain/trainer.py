@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, faults
 from .config import RunConfig
 from .data import DeviceLoader
 from .errors import UserError
@@ -84,7 +85,8 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.stop_reason: str | None = None  # set by an end-of-epoch check; training ends after that epoch
         self.history: list[dict] = []
-        self.run_id: str | None = None  # MLflow run, kept in the checkpoint so a resumed run logs into the same one
+        self.run_id: str | None = None  # the MLflow run (None while the store is unreachable)
+        self.run_key = uuid.uuid4().hex  # finds that run again (tracking.py); kept in the checkpoint and model file
         self._batch = 0  # global minibatch index, for the schedule
 
     # --- what methods call ------------------------------------------------------------------------------------
@@ -119,13 +121,19 @@ class Trainer:
         with self.autocast():
             logits = self.model(inputs)
         loss = loss_fn(logits.float())
+        if faults.fires("train.nan"):
+            loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.input_grad = inputs.grad
         if measure is not False:
             grad = inputs.grad if measure is True else inputs.grad[measure]
             self._acc["grad_l1"] += grad.detach().abs().sum(dtype=torch.float32)
-        self._acc["finite"] &= torch.isfinite(loss.detach())
+        # the first non-finite loss of the epoch, remembered on the device (no host synchronisation per step)
+        a = self._acc
+        a["step"] += 1
+        a["first_bad"] = torch.where(a["finite"] & ~torch.isfinite(loss.detach()), a["step"], a["first_bad"])
+        a["finite"] &= torch.isfinite(loss.detach())
         self._image_passes += len(inputs)
         progress = (self._batch + within_batch) / (self.epochs * len(self.loader))
         lr = lr_at(progress, self.tr)
@@ -162,7 +170,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "history": self.history,
-            "run_id": self.run_id,
+            "run_key": self.run_key,
             "stop_reason": self.stop_reason,
         }
 
@@ -174,7 +182,7 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         if s.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"])
-        self.epoch, self.history, self.run_id, self.stop_reason = s["epoch"], s["history"], s["run_id"], s["stop_reason"]
+        self.epoch, self.history, self.run_key, self.stop_reason = s["epoch"], s["history"], s["run_key"], s["stop_reason"]
 
     def try_resume(self) -> bool:
         """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
@@ -202,6 +210,7 @@ class Trainer:
             if self.stop_reason:
                 self.log(f"[{self.cfg.name}] stopping after epoch {self.epoch}: {self.stop_reason}")
             checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
+            faults.fires("train.epoch_end")
             for cb in self.callbacks:
                 cb.on_epoch(self, metrics)
         return self.history
@@ -233,6 +242,7 @@ class Trainer:
         dev = self.device
         zeros = lambda dtype=torch.float32: torch.zeros((), device=dev, dtype=dtype)  # noqa: E731
         self._acc = {"loss": zeros(), "n": 0, "grad_l1": zeros(), "finite": torch.ones((), dtype=torch.bool, device=dev),
+                     "step": zeros(torch.long), "first_bad": zeros(torch.long),
                      "clean_correct": zeros(torch.long), "clean_n": 0, "adv_correct": zeros(torch.long), "adv_n": 0}
         self._image_passes = self._steps = 0
         self.model.train()
@@ -247,6 +257,7 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.loader):
             self._batch = epoch * n_batches + i
+            faults.fires("train.batch")
             self.method.step(self, x, y)
             if (i + 1) % report_every == 0 and i + 1 < n_batches:
                 rate = (i + 1) * self.tr["batch_size"] / (time.perf_counter() - t0)
@@ -257,8 +268,11 @@ class Trainer:
         seconds = time.perf_counter() - t0
         a = self._acc
         if not bool(a["finite"]):
-            raise UserError(f"{self.cfg.name}: the loss became NaN/inf in epoch {epoch + 1}; the last good checkpoint "
-                            f"(epoch {self.epoch}) is kept at {self.checkpoint_path}: lower training.lr or check the data")
+            kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"
+                    if self.epoch else "no epoch had completed, so nothing was saved")
+            raise UserError(f"{self.cfg.name}: the loss became NaN/inf at epoch {epoch + 1}, optimizer step "
+                            f"{int(a['first_bad'])}/{self._steps} of that epoch; {kept}: lower training.lr (or check "
+                            "the data) and rerun")
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": a["loss"].item() / max(1, a["n"]),

@@ -81,5 +81,12 @@ def _registry() -> dict[str, ModelSpec]:
 MODELS: dict[str, ModelSpec] = _registry()
 
 
+def architecture_name(name: str, params: dict) -> str:
+    """The architecture as papers and RobustBench spell it."""
+    if name == "wide_resnet":
+        return f"WideResNet-{params.get('depth', 34)}-{params.get('width', 10)}"
+    return {"preact_resnet18": "PreActResNet-18", "small_cnn": "SmallCNN"}.get(name, name)
+
+
 def build_model(name: str, shape: tuple, num_classes: int, mean, std, **params) -> Classifier:
     return Classifier(MODELS[name].build(shape[0], num_classes, **params), mean, std)
