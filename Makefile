@@ -1,12 +1,12 @@
 # Two commands for a fresh machine (Debian, Python >= 3.10, 2 cores, no GPU needed):
 #   make demo   set up, then train standard + PGD-AT on Fashion-MNIST, evaluate with AutoAttack, write the report
-#   make test   set up, then run the test suite
+#   make test   set up (with Chromium for the report test), then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test setup data clean
+.PHONY: demo test setup data browser clean
 
 $(BIN)/advtrain: pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,17 +17,26 @@ $(BIN)/advtrain: pyproject.toml
 
 setup: $(BIN)/advtrain data
 
+# apt-get install the Debian packages named in $(1) when the file $(2) is missing (and apt-get exists).
+define apt_install
+	@if [ ! -e $(2) ] && command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(1); \
+	fi
+endef
+
 # Debian's offline copy of Fashion-MNIST (30 MB); elsewhere `advtrain prepare` downloads it with torchvision.
 data:
-	@if [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
-	fi
+	$(call apt_install,dataset-fashion-mnist,/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz)
+
+# Headless Chromium and its WebDriver, for the test that renders the report (tests/test_report_ui.py).
+browser:
+	$(call apt_install,chromium chromium-driver,/usr/bin/chromedriver)
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --printshellcmds
 
-test: setup
+test: setup browser
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 clean:

@@ -57,9 +57,9 @@ class Tracker:
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
                 socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                          timeout=5).close()
-            _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
+            _quiet_mlflow()  # after the import, which sets its own levels
             self.client = MlflowClient(uri)
         return self.client
 

@@ -200,6 +200,8 @@ class Trainer:
         resumed = resume and self.try_resume()
         for cb in self.callbacks:
             cb.on_start(self, resumed)
+        if not resumed:  # epoch 0: a run killed in its first epoch restarts into the same MLflow run
+            checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
         epochs = self.epochs
         self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}, bf16={self.use_bf16}, "
                  f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")

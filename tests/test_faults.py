@@ -1,0 +1,226 @@
+"""Fault injection: the real `advtrain` process is SIGKILLed at chosen points of training and evaluation (see
+src/advtrain/faults.py), files are corrupted or truncated, a NaN is injected into the loss, the tracking store is
+unreachable. Each fault survived means: the rerun (the same command) completes, and ends exactly where an
+uninterrupted run ends (same weights, same per-epoch metrics, same evaluation), with every epoch in MLflow once."""
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import BIN, env, make_project, run
+
+OVERRIDES = {
+    "runs": {"methods": ["pgd"], "dynat": []},
+    "datasets": {"fashionmnist": {
+        "training": {"epochs": 3, "batch_size": 100, "train_subset": 1000},  # 10 batches per epoch
+        "evaluation": {"n_points": 100, "batch_size": 20, "pgd_steps": 5, "cw_steps": 5, "autoattack": "fast"}}},
+    "methods": {"pgd": {"fashionmnist": {"steps": 2}}},
+}
+MODEL, METRICS, RESULT = "models/pgd_fashionmnist.pt", "metrics/train/pgd_fashionmnist.json", "results/pgd_fashionmnist.json"
+CHECKPOINT = "checkpoints/pgd_fashionmnist.pt"
+TIMING = ("seconds", "images_per_s", "eval_seconds", "seconds_per_attack", "versions", "mlflow_run_key")  # per run
+
+
+def advtrain(proj, *args, fault: str | None = None, extra_env: dict | None = None):
+    e = env()
+    if fault:
+        e["ADVTRAIN_FAULT"] = fault
+    e.update(extra_env or {})
+    return subprocess.run([str(BIN / "advtrain"), *args], cwd=proj, env=e, capture_output=True, text=True, timeout=600)
+
+
+def untimed(obj):
+    """A record without its wall-clock fields (the only thing a rerun may change)."""
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def weights(proj):
+    return torch.load(proj / MODEL, weights_only=True)["model"]
+
+
+def epochs_in_mlflow(proj, name="pgd_fashionmnist"):
+    client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("advtrain")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # a resumed run logs into the same MLflow run
+    return runs[0], sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("faults_base"), OVERRIDES)
+    run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory):
+    """The uninterrupted run every faulted one must match."""
+    proj = tmp_path_factory.mktemp("faults_ref") / "p"
+    shutil.copytree(base, proj)
+    run([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], proj)
+    run([str(BIN / "advtrain"), "evaluate", "pgd", "fashionmnist"], proj)
+    return {"weights": weights(proj), "metrics": untimed(json.loads((proj / METRICS).read_text())["epochs"]),
+            "result": untimed(json.loads((proj / RESULT).read_text()))}
+
+
+def fresh(base, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(base, proj)
+    return proj
+
+
+def assert_same_training(proj, reference):
+    for k, v in reference["weights"].items():
+        assert torch.equal(weights(proj)[k], v), k
+    assert untimed(json.loads((proj / METRICS).read_text())["epochs"]) == reference["metrics"]
+    _, steps = epochs_in_mlflow(proj)
+    assert steps == [1, 2, 3]  # every epoch logged, none twice
+
+
+TRAINING_KILLS = {
+    "mid-epoch 1 (no checkpoint yet)": "train.batch:5",
+    "mid-epoch 2": "train.batch:15",
+    "mid-epoch 3": "train.batch:29",
+    "after epoch 2's checkpoint, before its logging": "train.epoch_end:2",
+    # writes of files called pgd_fashionmnist.pt: checkpoints after epochs 0 (the start), 1, 2, 3; then the model
+    "while publishing epoch 2's checkpoint": "write@pgd_fashionmnist.pt:3",
+    "while publishing the final model file": "write@pgd_fashionmnist.pt:5",
+}
+
+
+@pytest.mark.parametrize("fault", TRAINING_KILLS.values(), ids=TRAINING_KILLS.keys())
+def test_training_killed_then_rerun_ends_as_if_never_killed(fault, base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    p = advtrain(proj, "train", "pgd", "fashionmnist", fault=fault)
+    assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # really SIGKILLed
+    assert not (proj / MODEL).exists() and not (proj / METRICS).exists()  # no output a later stage could take
+    if (proj / CHECKPOINT).exists():  # whatever checkpoint the kill left is a whole one
+        assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] in (0, 1, 2, 3)
+    p = advtrain(proj, "train", "pgd", "fashionmnist")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_training(proj, reference)
+
+
+def test_training_killed_under_snakemake_resumes_with_the_same_command(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    cmd = [str(BIN / "snakemake"), "--cores", "2", MODEL]  # OMP_NUM_THREADS=2, as the reference ran
+    e = env()
+    e["ADVTRAIN_FAULT"] = "train.batch:25"
+    p = subprocess.run(cmd, cwd=proj, env=e, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and (proj / CHECKPOINT).exists() and not (proj / MODEL).exists()
+    p = run(cmd, proj)
+    assert "resuming after epoch 2/3" in p.stdout + p.stderr
+    assert_same_training(proj, reference)
+
+
+def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    p = advtrain(proj, "train", "pgd", "fashionmnist", fault="train.nan:15")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    err = p.stderr.strip()
+    assert len(err.splitlines()) == 1 and "NaN/inf at epoch 2, optimizer step 5/10" in err, err
+    assert "last good checkpoint (epoch 1)" in err
+    assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert not (proj / MODEL).exists()
+    assert epochs_in_mlflow(proj)[0].info.status == "FAILED"
+    p = advtrain(proj, "train", "pgd", "fashionmnist")  # the fault was transient: the rerun resumes after epoch 1
+    assert p.returncode == 0 and "resuming after epoch 1/3" in p.stdout
+    assert_same_training(proj, reference)
+    assert epochs_in_mlflow(proj)[0].info.status == "FINISHED"
+
+
+def test_a_corrupt_training_checkpoint_is_replaced_by_a_fresh_run(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    assert advtrain(proj, "train", "pgd", "fashionmnist", fault="train.batch:25").returncode == -9
+    data = (proj / CHECKPOINT).read_bytes()
+    (proj / CHECKPOINT).write_bytes(data[: len(data) // 3])  # a disk that lost the tail of the file
+    p = advtrain(proj, "train", "pgd", "fashionmnist")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "not a readable training checkpoint" in p.stdout and "resuming" not in p.stdout
+    for k, v in reference["weights"].items():
+        assert torch.equal(weights(proj)[k], v), k
+
+
+def test_a_truncated_dataset_file_is_refused_then_prepare_mends_it(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    test_pt = proj / "data/prepared/fashionmnist/test.pt"
+    assert advtrain(proj, "train", "pgd", "fashionmnist").returncode == 0
+    test_pt.write_bytes(test_pt.read_bytes()[:5000])
+    p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "test.pt: corrupt" in p.stderr
+    assert (proj / MODEL).exists()  # the trained model is untouched
+    assert advtrain(proj, "prepare", "fashionmnist").returncode == 0
+    assert advtrain(proj, "evaluate", "pgd", "fashionmnist").returncode == 0
+    assert untimed(json.loads((proj / RESULT).read_text())) == reference["result"]
+
+
+def test_a_model_file_from_another_method_or_truncated_gives_one_line(base, tmp_path):
+    proj = fresh(base, tmp_path)
+    assert advtrain(proj, "train", "pgd", "fashionmnist").returncode == 0
+    shutil.copy(proj / MODEL, proj / "models/fgsm_fashionmnist.pt")
+    p = advtrain(proj, "evaluate", "fgsm", "fashionmnist")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "was trained with method='pgd', but 'fgsm' is expected" in p.stderr
+    data = (proj / MODEL).read_bytes()
+    (proj / MODEL).write_bytes(data[:2000])
+    p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "truncated or corrupt" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    proj = tmp_path_factory.mktemp("faults_trained") / "p"
+    shutil.copytree(base, proj)
+    run([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], proj)
+    return proj
+
+
+EVAL_KILLS = {  # 100 points, ~55 classified correctly, in batches of 20: 3 batches each of PGD, CW, APGD-CE, ...
+    "in PGD": "evaluate.batch:2",
+    "in CW": "evaluate.batch:4",
+    "in APGD-CE": "evaluate.batch:8",
+    "while publishing the result": "write@pgd_fashionmnist.json:1",
+}
+
+
+@pytest.mark.parametrize("fault", EVAL_KILLS.values(), ids=EVAL_KILLS.keys())
+def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_result(fault, trained, reference, tmp_path):
+    proj = tmp_path / "p"
+    shutil.copytree(trained, proj)
+    p = advtrain(proj, "evaluate", "pgd", "fashionmnist", fault=fault)
+    assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert not (proj / RESULT).exists()
+    p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming from checkpoints/eval/pgd_fashionmnist.pt" in p.stdout
+    assert untimed(json.loads((proj / RESULT).read_text())) == reference["result"]
+    assert not (proj / "checkpoints/eval/pgd_fashionmnist.pt").exists()  # the state goes once the result is written
+
+
+def test_an_unreachable_tracking_store_warns_once_and_the_run_is_synced_later(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    down = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    p = advtrain(proj, "train", "pgd", "fashionmnist", extra_env=down)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("warning: MLflow tracking at http://127.0.0.1:9 failed") == 1, p.stdout
+    assert untimed(json.loads((proj / METRICS).read_text())["epochs"]) == reference["metrics"]  # the local record
+    assert advtrain(proj, "evaluate", "pgd", "fashionmnist", extra_env=down).returncode == 0
+    assert not (proj / "mlruns.db").exists()
+    p = advtrain(proj, "sync", "pgd", "fashionmnist")  # the default store, reachable now
+    assert p.returncode == 0, p.stderr[-2000:]
+    run_, steps = epochs_in_mlflow(proj)
+    assert steps == [1, 2, 3]
+    client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    losses = [m.value for m in sorted(client.get_metric_history(run_.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert losses == [e["loss"] for e in reference["metrics"]]
+    assert run_.data.metrics["eval_robust_acc"] == reference["result"]["robust_acc"]
+    assert advtrain(proj, "sync", "pgd", "fashionmnist").returncode == 0  # twice is harmless: nothing logged twice
+    assert epochs_in_mlflow(proj)[1] == [1, 2, 3]

@@ -1,0 +1,132 @@
+"""What a person sees: the report rendered by a real headless Chromium (driven over the W3C WebDriver protocol by
+Debian's chromedriver), and the metrics read back through the REST API of a real MLflow server on 127.0.0.1."""
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, ROOT, env
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(os.environ.get("ADVTRAIN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args[0]} exited: {proc.stdout.read()[-3000:] if proc.stdout else ''}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.fixture
+def browser():
+    """A WebDriver session on headless Chromium: (base URL of the session, driver process)."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("chromium and chromedriver are needed: `make test` installs them (apt-get install chromium "
+                    "chromium-driver)")
+    port = free_port()
+    proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/status", proc)
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": CHROMIUM, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                         "--window-size=1280,1000"]}}}}
+        session = http("POST", f"{base}/session", caps)["value"]["sessionId"]
+        yield f"{base}/session/{session}"
+        http("DELETE", f"{base}/session/{session}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_report_renders_in_chromium_with_its_table_and_every_plot(snakemake_project, browser):
+    page = snakemake_project / "reports/report.html"
+    http("POST", f"{browser}/url", {"url": page.as_uri()})
+    script = """
+      const figs = [...document.querySelectorAll('figure')].map(f => {
+        const img = f.querySelector('img');
+        return {id: f.id, caption: f.querySelector('figcaption').textContent,
+                loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth,
+                shown: img.getBoundingClientRect().width};
+      });
+      const rows = [...document.querySelectorAll('table tbody tr')].map(r => r.cells[0].textContent);
+      const header = [...document.querySelectorAll('table thead th')].map(h => h.textContent);
+      return {title: document.title, figs, rows, header,
+              checks: document.querySelector('.ok, .bad').textContent, height: document.body.scrollHeight};"""
+    seen = http("POST", f"{browser}/execute/sync", {"script": script, "args": []})["value"]
+    assert seen["title"] == "Adversarial training report"
+    assert seen["rows"] == ["standard", "pgd", "dynat"], seen["rows"]
+    assert {"clean %", "PGD %", "CW %", "AutoAttack %", "robust (min) %"} <= set(seen["header"])
+    ids = {f["id"] for f in seen["figs"]}
+    assert ids == {f"fig-fashionmnist_{n}" for n in ("curves", "dynat_labels", "autoattack_stages", "examples", "time")}
+    for f in seen["figs"]:  # every plot decoded by the browser and laid out at a visible size
+        assert f["loaded"] and f["width"] > 200 and f["shown"] > 200, f
+    assert seen["checks"].startswith("Checks:"), seen["checks"]
+    # the whole page as the browser drew it, kept for a person to look at
+    http("POST", f"{browser}/window/rect", {"width": 1280, "height": min(int(seen["height"]) + 50, 16000)})
+    png = base64.b64decode(http("GET", f"{browser}/screenshot")["value"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "report_chromium.png").write_bytes(png)
+
+
+def test_mlflow_server_serves_the_runs_metrics_over_rest(snakemake_project):
+    port = free_port()
+    db = f"sqlite:///{snakemake_project / 'mlruns.db'}"
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", db, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=snakemake_project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", proc)
+        exp = http("GET", f"{api}/experiments/get-by-name?experiment_name=advtrain")["experiment"]
+        runs = http("POST", f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                   "filter": "attributes.run_name = 'pgd_fashionmnist'"})["runs"]
+        assert len(runs) == 1
+        run_id = runs[0]["info"]["run_id"]
+        history = http("GET", f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
+        local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist.json").read_text())
+        assert sorted((m["step"], m["value"]) for m in history) == [(e["epoch"], e["loss"]) for e in local["epochs"]]
+        for key in ("train_grad_l1", "train_attack_steps", "train_seconds"):
+            h = http("GET", f"{api}/metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]
+            assert [m["step"] for m in sorted(h, key=lambda m: m["step"])] == [1, 2], key
+        metrics = {m["key"]: m["value"] for m in http("GET", f"{api}/runs/get?run_id={run_id}")["run"]["data"]["metrics"]}
+        result = json.loads((snakemake_project / "results/pgd_fashionmnist.json").read_text())
+        assert metrics["eval_autoattack_acc"] == result["autoattack"]["robust_acc"]
+        assert metrics["eval_robust_acc"] == result["robust_acc"] and metrics["eval_cw_acc"] == result["cw"]["acc"]
+        for attack, acc in result["autoattack"]["robust_acc_after"].items():
+            assert metrics[f"eval_aa_{attack}"] == acc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
