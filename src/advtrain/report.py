@@ -10,7 +10,7 @@ import io
 import json
 from pathlib import Path
 
-from .io import write_text
+from .io import write_bytes, write_text
 
 CURVES = [  # (metric key in the per-epoch record, axis label, scale)
     ("loss", "training loss", "linear"),
@@ -253,8 +253,7 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
                             f"{html.escape(stages)}</p>")
         md.append("")
         for name, title, data in _figures(ds, rows):
-            fig_dir.mkdir(parents=True, exist_ok=True)
-            (fig_dir / f"{name}.png").write_bytes(data)
+            write_bytes(fig_dir / f"{name}.png", data)
             md += [f"![{title}](figures/{name}.png)", ""]
             body.append(f"<figure id=\"fig-{html.escape(name)}\"><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,"
                         f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(title)}</figcaption></figure>")
