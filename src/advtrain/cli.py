@@ -93,7 +93,8 @@ def run_training(cfg, out_model: Path, out_metrics: Path, restart: bool, kind: s
     write_json(out_metrics, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
                              "params": cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16,
                              "totals": totals, "stop_reason": trainer.stop_reason, "mlflow_run_id": trainer.run_id,
-                             "mlflow_run_key": trainer.run_key, "mlflow_tracking_uri": tracking_uri(), "versions": versions(), "epochs": history})
+                             "mlflow_run_key": trainer.run_key, "mlflow_tracking_uri": tracking_uri(),
+                             "versions": versions(), "epochs": history})
     tracker.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=len(history), prefix="train_")
     if trainer.stop_reason:
         tracker.set_tags({"stop_reason": trainer.stop_reason[:5000]})
@@ -164,8 +165,6 @@ def robustbench_info(cfg, meta: dict, res: dict, n_test: int) -> dict:
 
 
 def cmd_evaluate(args) -> None:
-    import torch
-
     from .config import Params
     from .data import load_split
     from .evaluate import evaluate, fingerprint
