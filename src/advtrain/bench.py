@@ -676,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{aa['ours']['seconds']:.1f}s (robust {100 * aa['ours']['robust_acc']:.1f}%), plain pyautoattack "
                 f"{aa['plain_pyautoattack']['seconds']:.1f}s (robust {100 * aa['plain_pyautoattack']['robust_acc']:.1f}%)")
     out["seconds"] = time.perf_counter() - t_all
+    with contextlib.suppress(OSError):
+        out["machine"]["loadavg_at_end"] = os.getloadavg()
     print(table(results, peak), flush=True)
     if args.out:
         write_json(args.out, out)
