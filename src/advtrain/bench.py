@@ -24,9 +24,10 @@ arrays that makes a PIL image per item and applies torchvision transforms (Rando
 for CIFAR, then ToTensor), `.to(device)` per batch, `loss.item()` and an accuracy `.item()` per step, plain
 torch.optim.SGD (foreach=False), the attack as a plain Python loop over the perturbation. The model is the same
 Classifier (normalisation inside, [0, 1] inputs), initialised from the same seed, with the same batch size,
-learning rate, momentum and weight decay. Fairness, written down:
+learning rate, momentum and weight decay; the small CNN keeps the seed code's layer order (conv, ReLU, pool: the
+same function as ours, and the faster order in NCHW). Fairness, written down:
   * Same K and the same forward/backward passes per batch: the reference counts its passes the way the trainer
-    does and the table shows both ("passes/batch"); a mismatch is reported as an error.
+    does, the table shows them ("pass/b") and a mismatch is reported as an error (exit status 1).
   * The reference attacks take the INPUT gradient only (torch.autograd.grad, as Madry's code does), not
     `loss.backward()` into every weight as locuslab's attack_pgd does: that would make the reference slower and the
     ratio larger, so we leave that advantage out.
