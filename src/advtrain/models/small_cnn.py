@@ -7,9 +7,11 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128, kernel: int = 3):
         super().__init__()
         pad = kernel // 2
+        # pool before ReLU: the same function (max-pooling commutes with a monotone ReLU), the same parameter names,
+        # and the ReLU and its backward run on a quarter of the elements
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, kernel, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(width, 2 * width, kernel, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),  # 7x7
+            nn.Conv2d(in_channels, width, kernel, padding=pad), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 14x14
+            nn.Conv2d(width, 2 * width, kernel, padding=pad), nn.MaxPool2d(2), nn.ReLU(inplace=True),  # 7x7
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(2 * width * 7 * 7, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
