@@ -88,7 +88,6 @@ def assert_same_training(proj, reference):
 TRAINING_KILLS = {
     "mid-epoch 1 (no checkpoint yet)": "train.batch:5",
     "mid-epoch 2": "train.batch:15",
-    "mid-epoch 3": "train.batch:29",
     "after epoch 2's checkpoint, before its logging": "train.epoch_end:2",
     # writes of files called pgd_fashionmnist.pt: checkpoints after epochs 0 (the start), 1, 2, 3; then the model
     "while publishing epoch 2's checkpoint": "write@pgd_fashionmnist.pt:3",
@@ -185,7 +184,6 @@ def trained(base, tmp_path_factory):
 
 EVAL_KILLS = {  # 100 points, ~55 classified correctly, in batches of 20: 3 batches each of PGD, CW, APGD-CE, ...
     "in PGD": "evaluate.batch:2",
-    "in CW": "evaluate.batch:4",
     "in APGD-CE": "evaluate.batch:8",
     "while publishing the result": "write@pgd_fashionmnist.json:1",
 }

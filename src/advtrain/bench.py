@@ -569,13 +569,15 @@ def bench_autoattack(n: int, device: torch.device, tmp: Path) -> dict:
 
     import pyautoattack
 
-    from .evaluate import autoattack
+    from .evaluate import evaluate
 
     cfg, model, x, y, what = autoattack_model(n, device, tmp)
     out = {"n_points": n, "eps": cfg.eps, "model": what}
     logging.getLogger("auto-attack").setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    ours = autoattack(model, x, y, cfg.eps, "standard", 500, 0, device, log=lambda m: None)
+    ev = {"batch_size": 500, "pgd_steps": 0, "cw_steps": 0, "pgd_restarts": 1, "pgd_alpha": None,
+          "autoattack": "standard"}  # AutoAttack only, as `advtrain evaluate` runs it (without a state file)
+    ours = evaluate(model, x, y, cfg.eps, ev, 0, device, log=lambda m: None)["autoattack"]
     out["ours"] = {"seconds": time.perf_counter() - t0, "robust_acc": ours["robust_acc"], "batch_size": 500,
                    "robust_acc_after": ours["robust_acc_after"], "seconds_per_attack": ours["seconds_per_attack"]}
     adversary = pyautoattack.AutoAttack(model, norm="Linf", eps=cfg.eps, version="standard", device=device)

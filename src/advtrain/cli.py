@@ -7,6 +7,7 @@
   advtrain report                     -> reports/report.html, reports/report.md
   advtrain sync METHOD DATASET        log a run's local records to MLflow (if the store was unreachable)
   advtrain check                      validate params.yaml and list the configured runs
+  advtrain bench [--size tiny|small|full] ...   speed of every method against a seed-style loop (docs/benchmarks.md)
 """
 from __future__ import annotations
 
@@ -322,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("check", help="validate params.yaml")
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("bench", help="speed benchmark against a seed-style loop (`advtrain bench --help`)",
+                       add_help=False)
+    p.set_defaults(fn=None)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (docs/benchmarks.md)
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = ap.parse_args(argv)
     try:
         args.fn(args)
