@@ -1,5 +1,5 @@
 # Two commands for a fresh machine (Debian, Python >= 3.10, 2 cores, no GPU needed):
-#   make demo   set up, then train standard + PGD-AT on Fashion-MNIST, evaluate with AutoAttack, write the report
+#   make demo   set up, then train every method of params.yaml on Fashion-MNIST, evaluate with AutoAttack, report
 #   make test   set up (with Chromium for the report test), then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

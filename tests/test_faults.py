@@ -85,24 +85,25 @@ def assert_same_training(proj, reference):
     assert steps == [1, 2, 3]  # every epoch logged, none twice
 
 
+# Each sequence: the same command killed again and again, each time at another point (counts are per process), then
+# run to the end; the result must be the uninterrupted run's. 10 batches per epoch; the files called
+# pgd_fashionmnist.pt are the checkpoints (at the start and after every epoch) and, last, the model file.
 TRAINING_KILLS = {
-    "mid-epoch 1 (no checkpoint yet)": "train.batch:5",
-    "mid-epoch 2": "train.batch:15",
-    "after epoch 2's checkpoint, before its logging": "train.epoch_end:2",
-    # writes of files called pgd_fashionmnist.pt: checkpoints after epochs 0 (the start), 1, 2, 3; then the model
-    "while publishing epoch 2's checkpoint": "write@pgd_fashionmnist.pt:3",
-    "while publishing the final model file": "write@pgd_fashionmnist.pt:5",
+    "in epoch 1 (before any epoch completed), after epoch 2's checkpoint before its logging, while publishing the "
+    "model file": [("train.batch:5", 0), ("train.epoch_end:2", 2), ("write@pgd_fashionmnist.pt:2", 3)],
+    "in epoch 2, while publishing epoch 3's checkpoint": [("train.batch:15", 1), ("write@pgd_fashionmnist.pt:2", 2)],
 }
 
 
-@pytest.mark.parametrize("fault", TRAINING_KILLS.values(), ids=TRAINING_KILLS.keys())
-def test_training_killed_then_rerun_ends_as_if_never_killed(fault, base, reference, tmp_path):
+@pytest.mark.parametrize("kills", TRAINING_KILLS.values(), ids=TRAINING_KILLS.keys())
+def test_training_killed_then_rerun_ends_as_if_never_killed(kills, base, reference, tmp_path):
     proj = fresh(base, tmp_path)
-    p = advtrain(proj, "train", "pgd", "fashionmnist", fault=fault)
-    assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # really SIGKILLed
-    assert not (proj / MODEL).exists() and not (proj / METRICS).exists()  # no output a later stage could take
-    if (proj / CHECKPOINT).exists():  # whatever checkpoint the kill left is a whole one
-        assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] in (0, 1, 2, 3)
+    for fault, epoch_kept in kills:
+        p = advtrain(proj, "train", "pgd", "fashionmnist", fault=fault)
+        assert p.returncode == -9, (fault, p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # really SIGKILLed
+        assert not (proj / MODEL).exists() and not (proj / METRICS).exists()  # no output a later stage could take
+        # the checkpoint the kill left is a whole one, of the last completed epoch
+        assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] == epoch_kept, fault
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training(proj, reference)
@@ -182,23 +183,24 @@ def trained(base, tmp_path_factory):
     return proj
 
 
-EVAL_KILLS = {  # 100 points, ~55 classified correctly, in batches of 20: 3 batches each of PGD, CW, APGD-CE, ...
-    "in PGD": "evaluate.batch:2",
-    "in APGD-CE": "evaluate.batch:8",
-    "while publishing the result": "write@pgd_fashionmnist.json:1",
-}
+# 100 points, about 55 classified correctly, in batches of 20: 3 batches each of PGD, CW, APGD-CE, then APGD-T.
+# Killed in PGD; then (resumed) in APGD-CE; then while publishing the result; then run to the end.
+EVAL_KILLS = [("evaluate.batch:2", "pgd-5 #1: batch 2/"), ("evaluate.batch:5", "] apgd-"),
+              ("write@pgd_fashionmnist.json:1", "robust accuracy after apgd-t")]
 
 
-@pytest.mark.parametrize("fault", EVAL_KILLS.values(), ids=EVAL_KILLS.keys())
-def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_result(fault, trained, reference, tmp_path):
+def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_result(trained, reference, tmp_path):
     proj = tmp_path / "p"
     shutil.copytree(trained, proj)
-    p = advtrain(proj, "evaluate", "pgd", "fashionmnist", fault=fault)
-    assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert not (proj / RESULT).exists()
+    for i, (fault, last_line) in enumerate(EVAL_KILLS):
+        p = advtrain(proj, "evaluate", "pgd", "fashionmnist", fault=fault)
+        assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+        assert last_line in p.stdout.strip().splitlines()[-2], p.stdout[-1000:]  # killed where intended
+        assert ("resuming from checkpoints/eval/pgd_fashionmnist.pt" in p.stdout) == (i > 0)
+        assert not (proj / RESULT).exists()
     p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "resuming from checkpoints/eval/pgd_fashionmnist.pt" in p.stdout
+    assert "resuming from checkpoints/eval/pgd_fashionmnist.pt: 4/4 attacks" in p.stdout
     assert untimed(json.loads((proj / RESULT).read_text())) == reference["result"]
     assert not (proj / "checkpoints/eval/pgd_fashionmnist.pt").exists()  # the state goes once the result is written
 
