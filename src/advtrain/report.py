@@ -177,22 +177,24 @@ def _example_grid(plt, rows: list[dict]):
     fig, axes = plt.subplots(2 * len(rows), k, figsize=(1.3 * k, 2.9 * len(rows)), layout="constrained", squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    def name(r: dict, i: int) -> str:
+        names = r.get("class_names") or []
+        return names[i] if i < len(names) else str(i)
+
     for m, r in enumerate(rows):
-        ex, names = r["examples"], r.get("class_names") or []
+        ex = r["examples"]
         c, h, w = ex["shape"]
-        name = lambda i: names[i] if i < len(names) else str(i)  # noqa: E731
         for row, (key, pred_key, what) in enumerate((("clean_u8", "clean_pred", "clean"), ("adv_u8", "adv_pred", "adv"))):
             for j, hexed in enumerate(ex[key]):
                 img = np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8).reshape(c, h, w).transpose(1, 2, 0)
                 ax = axes[2 * m + row, j]
                 ax.imshow(img.squeeze(-1) if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=255)
                 ok = ex[pred_key][j] == ex["labels"][j]
-                ax.set_title(name(ex[pred_key][j]), fontsize=7, color="green" if ok else "red")
+                ax.set_title(name(r, ex[pred_key][j]), fontsize=7, color="green" if ok else "red")
             axes[2 * m + row, 0].text(-0.15, 0.5, f"{r['method']}\n{what}", transform=axes[2 * m + row, 0].transAxes,
                                       ha="right", va="center", fontsize=8)
-    fig.suptitle("test images (true class: " + ", ".join(
-        (rows[0].get("class_names") or [str(i) for i in range(99)])[y] for y in rows[0]["examples"]["labels"]) + ")",
-        fontsize=8)
+    truth = ", ".join(name(rows[0], y) for y in rows[0]["examples"]["labels"])
+    fig.suptitle(f"the first test images (true classes: {truth}); titles: the model's prediction", fontsize=8)
     return fig
 
 

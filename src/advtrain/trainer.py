@@ -148,8 +148,9 @@ class Trainer:
         # the first non-finite loss of the epoch, remembered on the device (no host synchronisation per step)
         a = self._acc
         a["step"] += 1
-        a["first_bad"] = torch.where(a["finite"] & ~torch.isfinite(loss.detach()), a["step"], a["first_bad"])
-        a["finite"] &= torch.isfinite(loss.detach())
+        finite = torch.isfinite(loss.detach())
+        a["first_bad"] = torch.where(a["finite"] & ~finite, a["step"], a["first_bad"])
+        a["finite"] &= finite
         self._image_passes += len(inputs)
         progress = (self._batch + within_batch) / (self.epochs * len(self.loader))
         lr = lr_at(progress, self.tr)
@@ -198,7 +199,8 @@ class Trainer:
         torch.set_rng_state(s["torch_rng"])
         if s.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"])
-        self.epoch, self.history, self.run_key, self.stop_reason = s["epoch"], s["history"], s["run_key"], s["stop_reason"]
+        self.epoch, self.history, self.stop_reason = s["epoch"], s["history"], s["stop_reason"]
+        self.run_key = s.get("run_key") or self.run_key  # checkpoints before the key existed keep a new one
 
     def try_resume(self) -> bool:
         """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
