@@ -72,14 +72,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .config import DATASETS, Params
 from .io import write_json
-from .models import build_model
+from .models import model_for
 from .trainer import Trainer, pick_device
 
 CONFIGS = {  # dataset -> (model, augmentation, eps, alpha, DEAT's alpha)
@@ -150,11 +149,6 @@ def synthetic(dataset: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.
             torch.randint(0, info["classes"], (n,), generator=g))
 
 
-def new_model(cfg) -> torch.nn.Module:
-    info = cfg.info
-    return build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **cfg.model_kwargs)
-
-
 # --- the seed-style reference loop ---------------------------------------------------------------------------------
 
 class SeedDataset(torch.utils.data.Dataset):
@@ -210,11 +204,11 @@ class Reference:
                                                   batch_size=tr["batch_size"], shuffle=True,
                                                   num_workers=2 if cuda else 0, pin_memory=cuda)
         torch.manual_seed(cfg.seed)
-        self.model = seed_order(new_model(cfg)).to(device)
+        self.model = seed_order(model_for(cfg)).to(device)
         params = list(self.model.parameters())
         self.teacher = None
         if method == "dynat":
-            self.teacher = seed_order(new_model(cfg)).to(device)
+            self.teacher = seed_order(model_for(cfg)).to(device)
             params += list(self.teacher.parameters())
         self.opt = torch.optim.SGD(params, lr=tr["lr"], momentum=tr["momentum"], weight_decay=tr["weight_decay"],
                                    foreach=False)
@@ -351,7 +345,7 @@ class Reference:
 
 class Ours:
     def __init__(self, cfg, method: str, images, labels, ckpt: Path, compile: bool = False):
-        teacher = new_model(cfg) if cfg.method == "dynat" else None
+        teacher = model_for(cfg) if cfg.method == "dynat" else None
         self.trainer = Trainer(cfg, images, labels, ckpt, log=lambda m: None, teacher=teacher)
         if compile:  # the trainer has no compile setting (it lost on the CPU, see docs/benchmarks.md): try it here
             self.trainer.model = torch.compile(self.trainer.model)
@@ -421,7 +415,7 @@ def model_flops(cfg, device: torch.device) -> dict:
     (forward + backward to the weights and the input), counted by FlopCounterMode on the configuration's model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = new_model(cfg).to(device).train()
+    model = model_for(cfg).to(device).train()
     b = 4
     x = torch.rand(b, *cfg.info["shape"], device=device)
     y = torch.zeros(b, dtype=torch.long, device=device)
@@ -541,7 +535,7 @@ def autoattack_model(n: int, device: torch.device, tmp: Path):
 
     cfg = bench_config("standard", "fashionmnist", 128, device.type, 1)
     torch.manual_seed(0)
-    model = new_model(cfg).to(device)
+    model = model_for(cfg).to(device)
     system = Path(os.environ.get("ADVTRAIN_FASHIONMNIST_DIR", FASHION_SYSTEM_DIR))
     if all((system / f"{name}.gz").exists() or (system / name).exists() for name in FASHION_FILES):
         prepare("fashionmnist", tmp / "fashionmnist", tmp / "raw")
@@ -651,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(device)
     log(f"[bench] {info}")
     peak = device_peak(device)
-    log(f"[bench] matmul: " + ", ".join(f"{k} {v['flops'] / 1e9:.1f} GFLOP/s (n={v['n']})"
+    log("[bench] matmul: " + ", ".join(f"{k} {v['flops'] / 1e9:.1f} GFLOP/s (n={v['n']})"
                                        for k, v in peak["matmul"].items()) + f"; denominator {peak['denominator']}")
     results: dict = {}
     t_all = time.perf_counter()

@@ -96,7 +96,7 @@ def run_training(cfg, out_model: Path, out_metrics: Path, restart: bool, kind: s
                              "totals": totals, "stop_reason": trainer.stop_reason, "mlflow_run_id": trainer.run_id,
                              "mlflow_run_key": trainer.run_key, "mlflow_tracking_uri": tracking_uri(),
                              "versions": versions(), "epochs": history})
-    tracker.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=len(history), prefix="train_")
+    tracker.log_totals(totals, len(history))
     if trainer.stop_reason:
         tracker.set_tags({"stop_reason": trainer.stop_reason[:5000]})
     tracker.log_artifacts([out_metrics])
@@ -249,8 +249,7 @@ def cmd_sync(args) -> None:
     tracker.log_params(metrics["params"])
     tracker.log_epochs(metrics["epochs"])
     if not tracker.logged_steps("train_total_epochs"):
-        tracker.log_metrics({f"total_{k}": v for k, v in metrics["totals"].items()}, step=len(metrics["epochs"]),
-                            prefix="train_")
+        tracker.log_totals(metrics["totals"], len(metrics["epochs"]))
     tracker.log_artifacts([mpath])
     tracker.finish()
     rpath = result_path(args.method, args.dataset)

@@ -94,13 +94,20 @@ class Tracker:
             self._warn("reading the run's history", e)
             return set()
 
+    def log_epoch(self, metrics: dict) -> None:
+        """One epoch's training metrics, as `train_*` at step = epoch."""
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"], prefix="train_")
+
     def log_epochs(self, epochs: list[dict]) -> None:
-        """Per-epoch metrics (step = epoch) of every epoch the run does not hold yet."""
+        """Per-epoch metrics of every epoch the run does not hold yet."""
         done = self.logged_steps("train_loss")
         for metrics in epochs:
             if metrics["epoch"] not in done:
-                self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"],
-                                 prefix="train_")
+                self.log_epoch(metrics)
+
+    def log_totals(self, totals: dict, epochs: int) -> None:
+        """A training run's totals, as `train_total_*` at the last epoch's step."""
+        self.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=epochs, prefix="train_")
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.disabled or not self.run_id:
@@ -171,4 +178,4 @@ class TrainingTracker(Tracker):
             self.log_epochs(trainer.history)
 
     def on_epoch(self, trainer, metrics: dict) -> None:
-        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=metrics["epoch"], prefix="train_")
+        self.log_epoch(metrics)

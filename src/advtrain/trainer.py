@@ -17,7 +17,7 @@ from .config import RunConfig
 from .data import DeviceLoader
 from .errors import UserError
 from .methods import METHODS
-from .models import build_model
+from .models import model_for
 
 
 class Callbacks(Protocol):
@@ -88,8 +88,7 @@ class Trainer:
         self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
                                    crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
                                    channels_last=self.channels_last)
-        info = cfg.info
-        self.model = build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **cfg.model_kwargs)
+        self.model = model_for(cfg)
         self.model.to(self.device).use_channels_last(self.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)

@@ -90,3 +90,9 @@ def architecture_name(name: str, params: dict) -> str:
 
 def build_model(name: str, shape: tuple, num_classes: int, mean, std, **params) -> Classifier:
     return Classifier(MODELS[name].build(shape[0], num_classes, **params), mean, std)
+
+
+def model_for(cfg) -> Classifier:
+    """A fresh model of a run's configured architecture, for its dataset."""
+    info = cfg.info
+    return build_model(cfg.model, info["shape"], info["classes"], info["mean"], info["std"], **cfg.model_kwargs)
