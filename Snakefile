@@ -1,9 +1,8 @@
-# Snakemake front end of the pipeline. dvc.yaml runs the SAME commands on the SAME paths (tests/test_workflow.py
-# keeps the two in step). Targets:
-#   snakemake --cores 2                                  every run in params.yaml `runs`, and the report
-#   snakemake --cores 8 results/pgd_cifar10.json         one (method, dataset), end to end
-#   snakemake --cores 2 reports/report.html              the report over the configured runs
-configfile: "params.yaml"
+# Snakemake front end of the pipeline. dvc.yaml runs the SAME commands on the SAME paths (tests keep the two in step).
+#   snakemake --cores 2                                        every run in params.yaml `runs`, and the report
+#   snakemake --cores 8 results/pgd_cifar10.json               one (method, dataset), end to end
+#   snakemake --cores 2 --configfile tests/configs/tiny.yaml   the tiny test configuration (seconds per stage)
+# params.yaml is validated when this file loads: a bad value stops here, before anything is scheduled or deleted.
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"

@@ -11,30 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from advtrain.config import merge
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: advtrain, snakemake, dvc
 FASHION = Path(os.environ.get("ADVTRAIN_FASHIONMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
-# Small enough for two CPU cores in about a minute per workflow run, large enough that PGD-AT visibly helps.
-TINY = {
-    "runs": {"methods": ["standard", "pgd"], "datasets": ["fashionmnist"], "dynat": ["fashionmnist"]},
-    "datasets": {"fashionmnist": {
-        "model": "small_cnn", "eps": 0.1, "alpha": 0.025, "augment": {"crop": 0, "flip": False},
-        "training": {"epochs": 2, "batch_size": 100, "lr": 0.05, "train_subset": 3000},
-        "evaluation": {"n_points": 100, "autoattack": "fast", "pgd_steps": 10},
-    }},
-    "models": {"small_cnn": {"width": 8, "hidden": 64, "kernel": 3}},
-    # method-on-dataset keys win over dataset keys, so the repo's own per-method choices are overridden here
-    "methods": {"pgd": {"fashionmnist": {"steps": 3, "evaluation": {"autoattack": "fast"}}},
-                "standard": {"fashionmnist": {"evaluation": {"autoattack": "fast"}}},
-                "dynat": {"fashionmnist": {"steps": 3, "teacher_epochs": 1, "training": {"epochs": 2}}}},
-}
+TINY = yaml.safe_load((ROOT / "tests/configs/tiny.yaml").read_text())  # the tiny configuration, an overlay
 
 
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
     e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("ADVTRAIN_PARAMS", None)
     e["DVC_NO_ANALYTICS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
     return e
@@ -48,10 +38,7 @@ def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> s
 
 
 def deep_update(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return merge(base, over)  # Snakemake's merge of configfiles, and advtrain's
 
 
 def make_project(path: Path, overrides: dict | None = None) -> Path:

@@ -34,6 +34,13 @@ def test_repo_params_are_valid_and_resolve():
     (("datasets", "cifar10", "model"), "small_cnn", "does not fit cifar10"),  # not even in `runs`
     (("datasets", "cifar10", "model"), "resnet50", "datasets.cifar10.model must be one of"),
     (("models", "wide_resnet", "depth"), 30, "models.wide_resnet.depth must be 6n+4"),
+    (("datasets", "cifar10", "source"), "cifar-10", "datasets.cifar10.source must be one of fashionmnist, cifar10, "
+                                                    "cifar100 (the data sources)"),
+    (("datasets", "fashionmnist", "model"), "lenet", "datasets.fashionmnist.model must be one of small_cnn, "
+                                                     "preact_resnet18, wide_resnet"),
+    (("methods", "dynat", "teacher_model"), "resnet", "methods.dynat.teacher_model must be one of small_cnn"),
+    (("runs", "methods"), ["pgd", "dynat"], "runs.methods: dynat learns from a pretrained teacher: list it under "
+                                            "runs.teacher_methods"),
 ])
 def test_invalid_values_name_the_key(path, value, needle):
     raw = base()

@@ -13,8 +13,10 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-from advtrain.data import DeviceLoader, load_split, prepare, random_crop
 from advtrain.errors import UserError
+from advtrain.loader import DeviceLoader, random_crop
+from advtrain.prepared import load_split, prepare
+from advtrain.sources import CIFAR10 as CIFAR10Source
 
 
 def _md5(b: bytes) -> str:
@@ -61,13 +63,17 @@ def served_archive(tmp_path):
         test_list = [["test_batch", md5s["test_batch"]]]
         meta = {"filename": "batches.meta", "key": "label_names", "md5": md5s["batches.meta"]}
 
-    yield LocalCIFAR10, archive
+    class Local(CIFAR10Source):  # the registered source, reading from the local server
+        def torchvision_dataset(self):
+            return LocalCIFAR10
+
+    yield Local, archive
     server.shutdown()
 
 
 def test_cifar_download_prepare_and_load(tmp_path, served_archive):
     cls, archive = served_archive
-    meta = prepare("cifar10", tmp_path / "prepared", tmp_path / "raw", dataset_cls=cls)
+    meta = prepare(cls(), tmp_path / "prepared", tmp_path / "raw")
     assert (meta["n_train"], meta["n_test"], meta["shape"]) == (100, 20, [3, 32, 32])
     assert meta["source"]["archive_md5"] == _md5(archive) and meta["classes"][0] == "class0"
     x, y, _ = load_split(tmp_path / "prepared", "train")
@@ -85,10 +91,14 @@ def test_cifar_bad_checksum_is_a_clear_error(tmp_path, served_archive):
     cls, _ = served_archive
 
     class Tampered(cls):
-        tgz_md5 = "0" * 32
+        def torchvision_dataset(self):
+            class Bad(super().torchvision_dataset()):
+                tgz_md5 = "0" * 32
+
+            return Bad
 
     with pytest.raises(UserError, match="corrupted|md5|checksum"):
-        prepare("cifar10", tmp_path / "prepared", tmp_path / "raw", dataset_cls=Tampered)
+        prepare(Tampered(), tmp_path / "prepared", tmp_path / "raw")
     assert not (tmp_path / "prepared" / "meta.json").exists()
 
 

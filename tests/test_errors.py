@@ -4,7 +4,7 @@ import subprocess
 
 import yaml
 
-from conftest import BIN, FASHION, env, run
+from conftest import BIN, FASHION, ROOT, env, run
 
 
 def _cli(proj, *args):
@@ -34,6 +34,7 @@ def test_corrupt_source_archive_is_refused(tmp_path):
     shutil.copytree(FASHION, src)
     data = (src / "t10k-labels-idx1-ubyte.gz").read_bytes()
     (src / "t10k-labels-idx1-ubyte.gz").write_bytes(data[: len(data) // 2])  # a truncated download
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")  # prepare reads the dataset's source from it
     e = env()
     e["ADVTRAIN_FASHIONMNIST_DIR"] = str(src)
     p = subprocess.run([str(BIN / "advtrain"), "prepare", "fashionmnist", "--out", str(tmp_path / "out")],
@@ -58,6 +59,6 @@ def test_invalid_parameter_and_unknown_method(prepared, tmp_path):
 def test_evaluation_refuses_a_teacher_only_checkpoint(prepared, tmp_path):
     proj = tmp_path / "p"
     shutil.copytree(prepared, proj)
-    run([str(BIN / "advtrain"), "pretrain", "fashionmnist"], proj)
-    (proj / "models/dynat_fashionmnist.pt").write_bytes((proj / "models/teacher_fashionmnist.pt").read_bytes())
+    run([str(BIN / "advtrain"), "pretrain", "dynat", "fashionmnist"], proj)
+    (proj / "models/dynat_fashionmnist.pt").write_bytes((proj / "models/teachers/dynat_fashionmnist.pt").read_bytes())
     _one_clear_line(_cli(proj, "evaluate", "dynat", "fashionmnist"), "holds a teacher, not a trained model")

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from conftest import BIN, env, make_project, run
 
 OVERRIDES = {
-    "runs": {"methods": ["pgd"], "dynat": []},
+    "runs": {"methods": ["pgd"], "teacher_methods": []},
     "datasets": {"fashionmnist": {
         "training": {"epochs": 3, "batch_size": 100, "train_subset": 1000},  # 10 batches per epoch
         "evaluation": {"n_points": 100, "batch_size": 20, "pgd_steps": 5, "cw_steps": 5, "autoattack": "fast"}}},

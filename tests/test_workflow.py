@@ -45,7 +45,7 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
     client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_fashionmnist",
+    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_dynat_fashionmnist",
                          "dynat_fashionmnist", "report"}  # one run per (method, dataset), DYNAT's teacher, the report
     report_files = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
     assert {"report.html", "report.md", "figures"} <= report_files
@@ -67,7 +67,7 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
 
 
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "dynat": []},
+    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "teacher_methods": []},
                                             "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
     first = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage 'prepare@fashionmnist'" in first and "Running stage 'report'" in first
@@ -89,11 +89,13 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
     proj = make_project(tmp_path / "same")
     snake = run([str(BIN / "snakemake"), "--cores", "1", "--dry-run", "--printshellcmds"], proj).stdout
     snake_cmds = {m.strip() for m in re.findall(r"^(?:Shell command: )?(advtrain .*)$", snake, re.M)}
+    # each stage's output also goes to its log file (Snakemake's `log:`); the stage itself is what follows
+    stages = {re.sub(r"^advtrain --log \S+ ", "advtrain ", c) for c in snake_cmds}
     with Repo(str(proj)) as repo:  # DVC's own rendering of dvc.yaml (its foreach/matrix templating resolved)
         dvc_cmds = {stage.cmd for stage in repo.index.stages}
     assert snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
-    assert {"advtrain prepare fashionmnist", "advtrain pretrain fashionmnist", "advtrain train pgd fashionmnist",
-            "advtrain train dynat fashionmnist", "advtrain evaluate dynat fashionmnist", "advtrain report"} <= snake_cmds
+    assert {"advtrain prepare fashionmnist", "advtrain pretrain dynat fashionmnist", "advtrain train pgd fashionmnist",
+            "advtrain train dynat fashionmnist", "advtrain evaluate dynat fashionmnist", "advtrain report"} <= stages
 
 
 def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
@@ -106,7 +108,7 @@ def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
 def test_dynat_end_to_end_in_the_report(snakemake_project):
     proj = snakemake_project
     dynat = json.loads((proj / "metrics/train/dynat_fashionmnist.json").read_text())
-    teacher = json.loads((proj / "metrics/train/teacher_fashionmnist.json").read_text())
+    teacher = json.loads((proj / "metrics/teachers/dynat_fashionmnist.json").read_text())
     assert len(teacher["epochs"]) == 1 and len(dynat["epochs"]) == 2
     for e in dynat["epochs"]:
         assert 0 <= e["label_agreement"] <= 1 and 0 <= e["teacher_acc"] <= 1
@@ -123,5 +125,6 @@ def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"pretrain@fashionmnist", "train_dynat@fashionmnist", "evaluate_dynat@fashionmnist", "report"}, out
-    assert len(json.loads((proj / "metrics/train/teacher_fashionmnist.json").read_text())["epochs"]) == 2
+    assert ran == {"pretrain@dynat-fashionmnist", "train_with_teacher@dynat-fashionmnist",
+                   "evaluate_with_teacher@dynat-fashionmnist", "report"}, out
+    assert len(json.loads((proj / "metrics/teachers/dynat_fashionmnist.json").read_text())["epochs"]) == 2

@@ -12,6 +12,7 @@ import torch
 
 from .errors import UserError
 from .io import save_torch
+from .models import build_model
 
 FORMAT = 1
 
@@ -49,7 +50,8 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 
 def save_model(path: str | Path, model: torch.nn.Module, meta: dict, kind: str = "model",
                teacher: torch.nn.Module | None = None) -> None:
-    """kind "model": a trained classifier (DYNAT's also holds its teacher); kind "teacher": DYNAT's pretrained teacher."""
+    """kind "model": a trained classifier (a teacher-based method's also holds its teacher); kind "teacher": the pretrained
+    teacher of a teacher-based method."""
     obj = {"format": FORMAT, "kind": kind, "meta": meta, "model": _cpu_state(model)}
     if teacher is not None:
         obj["teacher"] = _cpu_state(teacher)
@@ -64,7 +66,7 @@ def load_model(path: str | Path, expect: dict | None = None, kind: str = "model"
         raise UserError(f"{path}: model file missing: train it first (`snakemake --cores 1 {path}`)")
     obj = _load(path, "model checkpoint", fix)
     if obj.get("kind") != kind:
-        what = {"model": "a trained model", "teacher": "a pretrained DYNAT teacher"}[kind]
+        what = {"model": "a trained model", "teacher": "a pretrained teacher"}[kind]
         raise UserError(f"{path}: holds a {obj.get('kind')}, not {what}: {fix}")
     meta = obj["meta"]
     for key, want in (expect or {}).items():
@@ -72,3 +74,16 @@ def load_model(path: str | Path, expect: dict | None = None, kind: str = "model"
             raise UserError(f"{path}: was trained with {key}={meta.get(key)!r}, but {want!r} is expected here: "
                             f"evaluate it with the settings it was trained with, or {fix}")
     return meta, obj["model"]
+
+
+def load_classifier(path: str | Path, info: dict, expect: dict | None = None, kind: str = "model"):
+    """(meta, model) of a model file: the architecture is built from what the file records, for data described by
+    `info` (shape, classes, mean, std)."""
+    meta, state = load_model(path, expect=expect, kind=kind)
+    model = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its weights do not fit a {meta['model']} ({str(e).splitlines()[0][:150]}): "
+                        "retrain it") from None
+    return meta, model

@@ -11,141 +11,19 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
+import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from .errors import UserError
-
-DATASETS: dict[str, dict[str, Any]] = {
-    # shape (C, H, W), number of classes, per-channel mean/std used by the model's own normalisation layer
-    "fashionmnist": {"shape": (1, 28, 28), "classes": 10, "mean": (0.2860,), "std": (0.3530,)},
-    "cifar10": {"shape": (3, 32, 32), "classes": 10, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2471, 0.2435, 0.2616)},
-    "cifar100": {"shape": (3, 32, 32), "classes": 100, "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762)},
-}
-
-
-class ConfigError(UserError):
-    pass
-
-
-# --- value checks: each returns the normalised value or raises ConfigError naming the key -----------------------
-
-Check = Callable[[Any, str], Any]
-
-
-def _fail(key: str, want: str, got: Any) -> None:
-    raise ConfigError(f"params.yaml: {key} must be {want}, got {got!r}")
-
-
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> Check:
-    """A real number; strings like '8/255' are accepted (eps and step sizes are usually written that way)."""
-    lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-    hi_s = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
-    want = "a number" + (f" {lo_s}" if lo_s else "") + (f" and {hi_s}" if lo_s and hi_s else (f" {hi_s}" if hi_s else ""))
-
-    def check(v: Any, key: str) -> float:
-        if isinstance(v, str):
-            try:
-                v = float(Fraction(v.replace(" ", "")))
-            except (ValueError, ZeroDivisionError, OverflowError):
-                _fail(key, want + " (or a fraction like 8/255)", v)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            _fail(key, want, v)
-        try:
-            v = float(v)
-        except OverflowError:  # an int too large for a float
-            _fail(key, want, v)
-        if not math.isfinite(v):
-            _fail(key, "a finite " + want.removeprefix("a "), v)
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            _fail(key, want, v)
-        if hi is not None and (v >= hi if hi_open else v > hi):
-            _fail(key, want, v)
-        return v
-
-    return check
-
-
-def integer(lo: int | None = None, hi: int | None = None) -> Check:
-    want = "an integer" + (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
-
-    def check(v: Any, key: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            _fail(key, want, v)
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            _fail(key, want, v)
-        return v
-
-    return check
-
-
-def choice(*options: Any) -> Check:
-    def check(v: Any, key: str) -> Any:
-        if isinstance(v, bool) and not any(isinstance(o, bool) for o in options):
-            _fail(key, "one of " + ", ".join(map(str, options)), v)
-        if v not in options:
-            _fail(key, "one of " + ", ".join(map(str, options)), v)
-        return v
-
-    return check
-
-
-def boolean(v: Any, key: str) -> bool:
-    if not isinstance(v, bool):
-        _fail(key, "true or false", v)
-    return v
-
-
-def text(v: Any, key: str) -> str:
-    if not isinstance(v, str) or not v:
-        _fail(key, "a non-empty string", v)
-    return v
-
-
-def optional(inner: Check) -> Check:
-    def check(v: Any, key: str) -> Any:
-        return None if v is None else inner(v, key)
-
-    return check
-
-
-def list_of(inner: Check, min_len: int = 0) -> Check:
-    def check(v: Any, key: str) -> list:
-        if not isinstance(v, list) or len(v) < min_len:
-            _fail(key, f"a list of at least {min_len} item(s)", v)
-        return [inner(x, f"{key}[{i}]") for i, x in enumerate(v)]
-
-    return check
-
-
-def section(schema: dict[str, Check], defaults: dict[str, Any] | None = None, extra: Callable[[str], bool] | None = None,
-            extra_check: Check | None = None) -> Check:
-    """A mapping with known keys; unknown keys are refused with the list of allowed ones."""
-
-    def check(v: Any, key: str) -> dict:
-        if v is None:
-            v = {}
-        if not isinstance(v, dict):
-            _fail(key, "a mapping", v)
-        out = dict(defaults or {})
-        for k, val in v.items():
-            sub = f"{key}.{k}" if key else str(k)
-            if k in schema:
-                out[k] = schema[k](val, sub)
-            elif extra is not None and extra(k):
-                out[k] = extra_check(val, sub) if extra_check else val
-            else:
-                allowed = ", ".join(sorted(schema)) or "none"
-                raise ConfigError(f"params.yaml: unknown key {sub!r} (allowed here: {allowed})")
-        return out
-
-    return check
-
+from .methods import METHODS
+from .models import MODELS
+from .paths import teacher_name
+from .schema import Check, ConfigError, boolean, choice, fail, integer, list_of, number, optional, section, text
+from .sources import SOURCES, Source
 
 # --- the schema -----------------------------------------------------------------------------------------------------
 
@@ -186,15 +64,33 @@ EVALUATION_DEFAULTS = {"n_points": None, "batch_size": 500, "pgd_steps": 20, "pg
 AUGMENT = {"crop": integer(0), "flip": boolean}
 
 
-def _dataset_schema() -> Check:
-    return section({
-        "model": text,
-        "eps": number(0, 1, lo_open=True),
-        "alpha": number(0, 1, lo_open=True),
-        "augment": section(AUGMENT, {"crop": 0, "flip": False}),
-        "training": section(TRAINING),
-        "evaluation": section(EVALUATION),
-    })
+def source_setting(v: Any, key: str) -> dict:
+    """`source: NAME`, or `source: {name: NAME, <its settings>}`: normalised to the mapping."""
+    want = f"one of {', '.join(SOURCES)} (the data sources), or a mapping with `name:` one of them"
+    if isinstance(v, str):
+        v = {"name": v}
+    if not isinstance(v, dict) or "name" not in v:
+        fail(key, want, v)
+    if v["name"] not in SOURCES:
+        fail(key, want, v["name"])
+    cls = SOURCES[v["name"]]
+    return {"name": v["name"], **section(cls.params, cls.defaults)({k: x for k, x in v.items() if k != "name"}, key)}
+
+
+DATASET = section({
+    "source": source_setting,
+    "model": choice(*MODELS),
+    "eps": number(0, 1, lo_open=True),
+    "alpha": number(0, 1, lo_open=True),
+    "augment": section(AUGMENT, {"crop": 0, "flip": False}),
+    "training": section(TRAINING),
+    "evaluation": section(EVALUATION),
+})
+
+
+def source_of(settings: dict) -> Source:
+    """The data source a dataset's validated `source` setting names, with its settings."""
+    return SOURCES[settings["name"]]({k: v for k, v in settings.items() if k != "name"})
 
 
 @dataclass
@@ -213,7 +109,7 @@ class RunConfig:
     evaluation: dict
     seed: int
     experiment: str
-    info: dict = field(default_factory=dict)  # shape, classes, mean, std
+    info: dict = field(default_factory=dict)  # shape, classes, mean, std (from the data source)
     run_name: str | None = None  # default: METHOD_DATASET
 
     @property
@@ -237,87 +133,144 @@ class RunConfig:
         return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} is given twice (line {key_node.start_mark.line + 1}): "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """One params file as a mapping, or one line saying what is wrong with the file."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: not found (run from the project root, or pass --params PATH)")
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a params file (pass --params PATH/params.yaml)")
+    try:
+        text_ = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text (a binary file, or another encoding): save it as UTF-8 YAML") from None
+    if "\x00" in text_:
+        raise ConfigError(f"{p}: holds NUL bytes, so it is not a YAML text file: restore it (git checkout {p})")
+    loader = _UniqueKeyLoader(text_)
+    loader.name = str(p)
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    finally:
+        loader.dispose()
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: must be a YAML mapping of sections, got a {type(raw).__name__}")
+    return raw
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged into `base`, mappings recursively, anything else replaced (as Snakemake merges configfiles)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 class Params:
     """A validated params.yaml."""
 
-    def __init__(self, raw: dict, path: str = "params.yaml"):
-        from .methods import METHODS
-        from .models import MODELS
+    TOP = ("seed", "runs", "datasets", "models", "methods", "training", "evaluation", "tracking")
 
+    def __init__(self, raw: dict, path: str = "params.yaml"):
         self.path = path
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: must be a YAML mapping of sections ({', '.join(self.TOP)})")
+        unknown = [k for k in raw if k not in self.TOP]
+        if unknown:
+            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(self.TOP)})")
+        raw = copy.deepcopy(raw)
+        self.raw = copy.deepcopy(raw)  # as written (after merging the files), for a front end to compare with its own
+        datasets = section({}, extra=lambda k: isinstance(k, str), extra_check=DATASET)(raw.get("datasets"), "datasets")
         top = {
             "seed": integer(0),
-            "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(choice(*DATASETS)),
-                             "dynat": list_of(choice(*DATASETS))}, {"methods": [], "datasets": [], "dynat": []}),
-            "datasets": section({}, extra=lambda k: k in DATASETS, extra_check=_dataset_schema()),
+            "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(text),
+                             "teacher_methods": list_of(choice(*METHODS))},
+                            {"methods": [], "datasets": [], "teacher_methods": []}),
             "models": section({name: section(m.params) for name, m in MODELS.items()}),
-            "methods": section({name: self._method_schema(m) for name, m in METHODS.items()}),
+            # a method's settings may be overridden per configured dataset: methods.<method>.<dataset>
+            "methods": section({name: self._method_schema(m, datasets) for name, m in METHODS.items()}),
             "training": section(TRAINING, TRAINING_DEFAULTS),
             "evaluation": section(EVALUATION, EVALUATION_DEFAULTS),
             "tracking": section({"experiment": text}, {"experiment": "advtrain"}),
         }
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: must be a YAML mapping of sections ({', '.join(top)})")
-        unknown = [k for k in raw if k not in top]
-        if unknown:
-            raise ConfigError(f"{path}: unknown key {unknown[0]!r} (allowed: {', '.join(top)})")
         # the sections (mappings) fill their own defaults from None
-        self.data = {k: check(copy.deepcopy(raw.get(k, 0 if k == "seed" else None)), k) for k, check in top.items()}
-        if "dynat" in self.data["runs"]["methods"]:
-            raise ConfigError(f"{path}: runs.methods: list DYNAT's datasets under runs.dynat instead "
-                              "(DYNAT has its own teacher-pretraining stage)")
-        for dataset in self.data["datasets"]:
+        self.data = {k: check(raw.get(k, 0 if k == "seed" else None), k) for k, check in top.items()}
+        self.data["datasets"] = datasets
+        runs = self.data["runs"]
+        for key, want in (("methods", False), ("teacher_methods", True)):
+            for m in runs[key]:
+                if METHODS[m].needs_teacher != want:
+                    other = "teacher_methods" if not want else "methods"
+                    why = "learns from a pretrained teacher" if not want else "has no teacher"
+                    raise ConfigError(f"{path}: runs.{key}: {m} {why}: list it under runs.{other} instead")
+        for dataset in datasets:
             self.check_dataset(dataset)
         for method, dataset in self.runs:
             self.check_run(method, dataset, where="runs")
 
     @staticmethod
-    def _method_schema(method_cls) -> Check:
+    def _method_schema(method_cls, datasets: dict) -> Check:
         """A method's own settings, plus `training` overrides (its reference recipe), each overridable per dataset."""
         own = {**method_cls.params, "training": section(TRAINING), "evaluation": section(EVALUATION)}
-        return section(own, extra=lambda k: k in DATASETS, extra_check=section(own))
+        return section(own, extra=lambda k: k in datasets, extra_check=section(own))
 
     @classmethod
-    def load(cls, path: str | Path = "params.yaml") -> "Params":
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"{p}: not found (run from the project root, or pass --params PATH)")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
-        return cls(raw or {}, str(p))
+    def load(cls, paths: str | os.PathLike | None = None) -> "Params":
+        """params.yaml, or a comma-separated list of files merged in order (a base file, then overlays such as a
+        test configuration). The default is $ADVTRAIN_PARAMS (the Snakefile sets it to the files Snakemake
+        loaded), else params.yaml."""
+        paths = str(paths or os.environ.get("ADVTRAIN_PARAMS") or "params.yaml")
+        raw: dict = {}
+        for p in paths.split(","):
+            raw = merge(raw, read_yaml(p))
+        return cls(raw, paths)
 
     def check_run(self, method: str, dataset: str, where: str = "") -> None:
-        from .methods import METHODS
-
         pre = f"{self.path}: {where}: " if where else f"{self.path}: "
         if method not in METHODS:
             raise ConfigError(f"{pre}unknown method {method!r} (known: {', '.join(METHODS)})")
-        if dataset not in DATASETS:
-            raise ConfigError(f"{pre}unknown dataset {dataset!r} (known: {', '.join(DATASETS)})")
+        self._known_dataset(dataset, pre)
+
+    def _known_dataset(self, dataset: str, pre: str) -> None:
         if dataset not in self.data["datasets"]:
-            raise ConfigError(f"{pre}no settings for dataset {dataset!r}: add datasets.{dataset} (model, eps, alpha)")
+            known = ", ".join(self.data["datasets"]) or "none"
+            raise ConfigError(f"{pre}unknown dataset {dataset!r} (configured under datasets: {known}): add "
+                              f"datasets.{dataset} (source, model, eps, alpha)")
 
     def check_dataset(self, dataset: str) -> None:
-        from .models import MODELS
-
         ds = self.data["datasets"][dataset]
-        for k in ("model", "eps", "alpha"):
+        for k in ("source", "model", "eps", "alpha"):
             if k not in ds:
                 raise ConfigError(f"{self.path}: datasets.{dataset}.{k} is missing")
-        if ds["model"] not in MODELS:
-            raise ConfigError(f"{self.path}: datasets.{dataset}.model must be one of {', '.join(MODELS)}, got {ds['model']!r}")
-        shape = DATASETS[dataset]["shape"]
+        shape = tuple(self.source(dataset).shape)
         if not MODELS[ds["model"]].fits(shape):
             raise ConfigError(f"{self.path}: datasets.{dataset}.model {ds['model']!r} does not fit {dataset}'s "
                               f"{'x'.join(map(str, shape))} images ({MODELS[ds['model']].fits_doc})")
 
-    def resolve(self, method: str, dataset: str) -> RunConfig:
-        from .methods import METHODS
+    def source(self, dataset: str) -> Source:
+        self._known_dataset(dataset, f"{self.path}: ")
+        return source_of(self.data["datasets"][dataset]["source"])
 
+    def resolve(self, method: str, dataset: str) -> RunConfig:
         self.check_run(method, dataset)
         d = self.data
         ds = d["datasets"][dataset]
@@ -325,7 +278,8 @@ class Params:
         mds = mraw.get(dataset, {})
         mparams = dict(METHODS[method].defaults)
         blocks = ("training", "evaluation")
-        mparams.update({k: v for k, v in mraw.items() if k not in DATASETS and k not in blocks})
+        own = METHODS[method].params
+        mparams.update({k: v for k, v in mraw.items() if k in own})
         mparams.update({k: v for k, v in mds.items() if k not in blocks})
         layered = lambda key: {**d[key], **ds.get(key, {}), **mraw.get(key, {}), **mds.get(key, {})}  # noqa: E731
         return RunConfig(
@@ -342,27 +296,28 @@ class Params:
             evaluation=layered("evaluation"),
             seed=d["seed"],
             experiment=d["tracking"]["experiment"],
-            info=dict(DATASETS[dataset]),
+            info=self.source(dataset).info(),
         )
 
     @property
     def runs(self) -> list[tuple[str, str]]:
-        """Every (method, dataset) pair of `runs`: each method on each dataset, then DYNAT on its datasets."""
+        """Every (method, dataset) pair of `runs`: each method, then each teacher-based method, on each dataset."""
         runs = self.data["runs"]
-        return [(m, d) for d in runs["datasets"] for m in runs["methods"]] + [("dynat", d) for d in runs["dynat"]]
+        return [(m, d) for d in runs["datasets"] for m in runs["methods"] + runs["teacher_methods"]]
 
-    def teacher_config(self, dataset: str) -> RunConfig:
-        """DYNAT's teacher: clean (standard) training of `teacher_model` for `teacher_epochs` epochs."""
-        from .models import MODELS
-
-        cfg = self.resolve("dynat", dataset)
-        p = cfg.method_params
-        model = p["teacher_model"] or cfg.model
-        if model not in MODELS:
-            raise ConfigError(f"{self.path}: methods.dynat.teacher_model must be one of {', '.join(MODELS)}, "
-                              f"got {model!r}")
-        cfg.method, cfg.model, cfg.run_name = "standard", model, f"teacher_{dataset}"
-        cfg.method_params = {"holdout": p["check_points"]}  # never trained on the images its accuracy is checked on
+    def teacher_config(self, method: str, dataset: str) -> RunConfig:
+        """The teacher of a teacher-based method: clean (standard) training as its `teacher_recipe` says."""
+        cfg = self.resolve(method, dataset)
+        if not METHODS[method].needs_teacher:
+            raise ConfigError(f"{self.path}: {method} has no teacher to pretrain (methods that have one: "
+                              f"{', '.join(m for m, c in METHODS.items() if c.needs_teacher)})")
+        recipe = METHODS[method].teacher_recipe(cfg.method_params)
+        model = recipe["model"] or cfg.model
+        if not MODELS[model].fits(tuple(cfg.info["shape"])):
+            raise ConfigError(f"{self.path}: methods.{method}.teacher_model {model!r} does not fit {dataset}'s images "
+                              f"({MODELS[model].fits_doc})")
+        cfg.method, cfg.model, cfg.run_name = "standard", model, teacher_name(method, dataset)
+        cfg.method_params = {"holdout": recipe["holdout"]}
         cfg.model_kwargs = dict(self.data["models"].get(model, {}))
-        cfg.training = {**cfg.training, "epochs": p["teacher_epochs"]}
+        cfg.training = {**cfg.training, "epochs": recipe["epochs"]}
         return cfg

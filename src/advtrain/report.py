@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from .io import write_bytes, write_text
+from .paths import result_path, train_metrics_path
 
 CURVES = [  # (metric key in the per-epoch record, axis label, scale)
     ("loss", "training loss", "linear"),
@@ -27,8 +28,6 @@ def _pct(v) -> str:
 
 
 def _load_runs(runs: list[tuple[str, str]]) -> list[dict]:
-    from .cli import result_path, train_metrics_path
-
     out = []
     for method, dataset in runs:
         res = json.loads(result_path(method, dataset).read_text())
@@ -113,7 +112,7 @@ def _figures(dataset: str, rows: list[dict]):
         yield f"{dataset}_magnitude", f"{dataset}: gradient magnitude and replay/step count per epoch", png(fig)
 
     labelled = [r for r in rows if any("label_agreement" in c for c in r["curves"])]
-    for r in labelled:  # DYNAT's "weak to strong": the teacher's labels grow more accurate as it learns
+    for r in labelled:  # dynamic labels, "weak to strong": a teacher's labels grow more accurate as it learns
         fig, ax = plt.subplots(figsize=(6.5, 4), layout="constrained")
         ep = [c["epoch"] for c in r["curves"]]
         ax.plot(ep, [100 * c["label_agreement"] for c in r["curves"]], marker="o", ms=3,

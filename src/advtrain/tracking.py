@@ -179,3 +179,25 @@ class TrainingTracker(Tracker):
 
     def on_epoch(self, trainer, metrics: dict) -> None:
         self.log_epoch(metrics)
+
+
+def eval_metrics(res: dict) -> dict:
+    """The flat MLflow metrics of a result record."""
+    flat = {"eval_clean_acc": res["clean_acc"], "eval_robust_acc": res["robust_acc"], "eval_n_points": res["n_points"]}
+    for family in ("pgd", "cw"):
+        if family in res:
+            flat[f"eval_{family}_acc"] = res[family]["acc"]
+    if "autoattack" in res:
+        for attack, acc in res["autoattack"]["robust_acc_after"].items():
+            flat[f"eval_aa_{attack}"] = acc
+        flat["eval_autoattack_acc"] = res["autoattack"]["robust_acc"]
+    return flat
+
+
+def log_result(cfg, record: dict, path: Path, log=print) -> None:
+    """An evaluation's metrics and result file, into the training run it evaluates."""
+    tracker = Tracker(cfg.experiment, log=log)
+    if tracker.open_run(cfg.name, record.get("mlflow_run_key"), tags={"method": cfg.method, "dataset": cfg.dataset}):
+        tracker.log_metrics(eval_metrics(record))
+        tracker.log_artifacts([path])
+        tracker.finish()

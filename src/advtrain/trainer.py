@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint, faults
 from .config import RunConfig
-from .data import DeviceLoader
+from .loader import DeviceLoader
 from .errors import UserError
 from .methods import METHODS
 from .models import model_for
@@ -223,7 +223,7 @@ class Trainer:
         self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}, bf16={self.use_bf16}, "
                  f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")
         while self.epoch < epochs and self.stop_reason is None:
-            metrics = self._run_epoch(self.epoch)
+            metrics = self.run_epoch()
             self.epoch += 1
             self.history.append(metrics)
             if self.stop_reason:
@@ -267,7 +267,10 @@ class Trainer:
         self.model.train()
         self.method.begin_epoch()
 
-    def _run_epoch(self, epoch: int) -> dict:
+    def run_epoch(self) -> dict:
+        """One epoch (the next one, `self.epoch`) without checkpointing or callbacks; returns its metrics. `fit`
+        calls it; the benchmark (benchmarks/bench.py) times it."""
+        epoch = self.epoch
         dev = self.device
         self.begin_epoch()
         steps_in_use = self.method.attack_steps()

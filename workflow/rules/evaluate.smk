@@ -1,15 +1,17 @@
 rule evaluate:
-    """Clean accuracy, PGD-k and AutoAttack on the test set."""
+    """Clean accuracy, PGD-k, CW-k and AutoAttack on the test set."""
     input:
-        model="models/{method}_{dataset}.pt",
-        test="data/prepared/{dataset}/test.pt",
-        meta="data/prepared/{dataset}/meta.json",
+        model=pattern(paths.MODEL),
+        test=pattern(paths.PREPARED) + "/test.pt",
+        meta=pattern(paths.PREPARED) + "/meta.json",
     output:
-        result="results/{method}_{dataset}.json",
+        result=pattern(paths.RESULT),
     params:
         evaluation=settings("evaluation"),
         dataset=settings("datasets", "{dataset}"),
         method=settings("methods", "{method}"),
+    log:
+        pattern(paths.LOG, stage="evaluate", name="{method}_{dataset}"),
     threads: workflow.cores
     shell:
-        "advtrain evaluate {wildcards.method} {wildcards.dataset}"
+        "advtrain --log {log} evaluate {wildcards.method} {wildcards.dataset}"

@@ -1,8 +1,12 @@
 rule prepare:
-    """Fetch (system copy or torchvision download), verify checksums, store uint8 tensors + meta.json."""
+    """Fetch the dataset's source (system copy, download or files in place), verify checksums, store uint8 tensors."""
     output:
-        train="data/prepared/{dataset}/train.pt",
-        test="data/prepared/{dataset}/test.pt",
-        meta="data/prepared/{dataset}/meta.json",
+        train=pattern(paths.PREPARED) + "/train.pt",
+        test=pattern(paths.PREPARED) + "/test.pt",
+        meta=pattern(paths.PREPARED) + "/meta.json",
+    params:
+        source=settings("datasets", "{dataset}", "source"),
+    log:
+        pattern(paths.LOG, stage="prepare", name="{dataset}"),
     shell:
-        "advtrain prepare {wildcards.dataset}"
+        "advtrain --log {log} prepare {wildcards.dataset}"

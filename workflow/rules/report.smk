@@ -1,11 +1,13 @@
 rule report:
     """Tables and plots over every run listed in params.yaml `runs`."""
     input:
-        results=[f"results/{m}_{d}.json" for m, d in RUNS],
-        metrics=[f"metrics/train/{m}_{d}.json" for m, d in RUNS],
+        results=[str(paths.result_path(m, d)) for m, d in RUNS],
+        metrics=[str(paths.train_metrics_path(m, d)) for m, d in RUNS],
     output:
-        html="reports/report.html",
-        md="reports/report.md",
-        figures=directory("reports/figures"),
+        html=f"{paths.REPORT_DIR}/report.html",
+        md=f"{paths.REPORT_DIR}/report.md",
+        figures=directory(f"{paths.REPORT_DIR}/figures"),
+    log:
+        pattern(paths.LOG, stage="report", name="report"),
     shell:
-        "advtrain report"
+        "advtrain --log {log} report"

@@ -1,43 +1,48 @@
 def train_inputs(wildcards):
-    inputs = {"train": f"data/prepared/{wildcards.dataset}/train.pt",
-              "meta": f"data/prepared/{wildcards.dataset}/meta.json"}
-    if wildcards.method == "dynat":  # DYNAT's student learns from the pretrained teacher
-        inputs["teacher"] = f"models/teacher_{wildcards.dataset}.pt"
+    prepared = paths.prepared_dir(wildcards.dataset)
+    inputs = {"train": f"{prepared}/train.pt", "meta": f"{prepared}/meta.json"}
+    if needs_teacher(wildcards):  # a teacher-based method learns from its pretrained teacher
+        inputs["teacher"] = str(paths.teacher_path(wildcards.method, wildcards.dataset))
     return inputs
 
 
+TRAIN_SETTINGS = dict(
+    seed=settings("seed"),
+    training=settings("training"),
+    dataset=settings("datasets", "{dataset}"),
+    method=settings("methods", "{method}"),
+    models=settings("models"),
+)
+
+
 rule pretrain:
-    """Clean training of DYNAT's teacher (methods.dynat.teacher_epochs; 0 = the reference's from-scratch teacher)."""
+    """Clean training of the teacher a teacher-based method learns from (its teacher_recipe: model, epochs)."""
     input:
-        train="data/prepared/{dataset}/train.pt",
-        meta="data/prepared/{dataset}/meta.json",
+        train=pattern(paths.PREPARED) + "/train.pt",
+        meta=pattern(paths.PREPARED) + "/meta.json",
     output:
-        model="models/teacher_{dataset}.pt",
-        metrics="metrics/train/teacher_{dataset}.json",
+        model=pattern(paths.TEACHER),
+        metrics=pattern(paths.TEACHER_METRICS),
     params:
-        seed=settings("seed"),
-        training=settings("training"),
-        dataset=settings("datasets", "{dataset}"),
-        method=settings("methods", "dynat"),
-        models=settings("models"),
+        **TRAIN_SETTINGS,
+    log:
+        pattern(paths.LOG, stage="pretrain", name="{method}_{dataset}"),
     threads: workflow.cores
     shell:
-        "advtrain pretrain {wildcards.dataset}"
+        "advtrain --log {log} pretrain {wildcards.method} {wildcards.dataset}"
 
 
 rule train:
-    """Adversarial training of one method on one dataset. Resumes from checkpoints/{method}_{dataset}.pt."""
+    """Adversarial training of one method on one dataset. Resumes from its checkpoint (paths.CHECKPOINT)."""
     input:
         unpack(train_inputs),
     output:
-        model="models/{method}_{dataset}.pt",
-        metrics="metrics/train/{method}_{dataset}.json",
+        model=pattern(paths.MODEL),
+        metrics=pattern(paths.TRAIN_METRICS),
     params:
-        seed=settings("seed"),
-        training=settings("training"),
-        dataset=settings("datasets", "{dataset}"),
-        method=settings("methods", "{method}"),
-        models=settings("models"),
+        **TRAIN_SETTINGS,
+    log:
+        pattern(paths.LOG, stage="train", name="{method}_{dataset}"),
     threads: workflow.cores  # one training at a time: it uses every core (or the one GPU)
     shell:
-        "advtrain train {wildcards.method} {wildcards.dataset}"
+        "advtrain --log {log} train {wildcards.method} {wildcards.dataset}"

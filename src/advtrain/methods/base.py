@@ -18,13 +18,24 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
 
     holdout: int = 0  # training images the trainer keeps aside for this method's end-of-epoch check
-    needs_teacher: ClassVar[bool] = False  # DYNAT: the trainer hands it the pretrained teacher (attach_teacher)
+    # A method that learns from a teacher trained on clean data: the `pretrain` stage trains that teacher first
+    # (teacher_recipe says how), and the trainer hands it over (attach_teacher).
+    needs_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.p = cfg.method_params
         self.eps = cfg.eps
         self.alpha = self.p.get("alpha") or cfg.alpha
+
+    @classmethod
+    def teacher_recipe(cls, params: dict) -> dict:
+        """How this method's teacher is pretrained, from the method's settings: {"model": an architecture name, or
+        None for the dataset's; "epochs": clean-training epochs; "holdout": training images kept out of it}."""
+        raise NotImplementedError(f"{cls.name} has no teacher")
+
+    def attach_teacher(self, trainer, teacher: torch.nn.Module) -> None:
+        raise NotImplementedError(f"{self.name} has no teacher")
 
     def setup(self, trainer) -> None:
         """Called once the trainer has its model and data (subclasses call super().setup(trainer) first)."""

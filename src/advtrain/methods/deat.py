@@ -7,7 +7,7 @@ from the LAST replay of each minibatch. `schedule: fixed` gives DEAT-d: r = 1 + 
 import torch.nn.functional as F
 
 from ..attacks import project_box, uniform_start
-from ..config import choice, integer, number, optional
+from ..schema import choice, integer, number, optional
 from ..magnitude import MagnitudeDriven
 from .base import Method
 

@@ -7,19 +7,20 @@ Per minibatch:
   inner (student in eval mode): x_adv = x + 0.001 N(0, 1); K steps of alpha on CE(student(x_adv), l), box/project
   outer (student in train mode): CE(teacher(x), y) + CE(student(x_adv), l), teacher and student in ONE optimizer.
 `teacher_update: frozen` keeps the (pretrained) teacher fixed: the loss is then CE(student(x_adv), l) alone.
-The teacher comes from the `pretrain` stage (models/teacher_<dataset>.pt, `teacher_epochs` of clean training;
+The teacher comes from the `pretrain` stage (models/teachers/dynat_<dataset>.pt, `teacher_epochs` of clean training;
 0 reproduces the reference, which trains the teacher from scratch alongside the student)."""
 import torch
 import torch.nn.functional as F
 
 from ..attacks import predict, project_box
-from ..config import choice, integer, number, optional, text
+from ..models import MODELS
+from ..schema import choice, integer, number, optional
 from .base import Method
 
 
 class DYNAT(Method):
     name = "dynat"
-    params = {"steps": integer(0), "alpha": optional(number(0, 1, lo_open=True)), "teacher_model": optional(text),
+    params = {"steps": integer(0), "alpha": optional(number(0, 1, lo_open=True)), "teacher_model": optional(choice(*MODELS)),
               "teacher_epochs": integer(0), "teacher_update": choice("concurrent", "frozen"), "check_points": integer(0)}
     defaults = {"steps": 10, "alpha": None, "teacher_model": None, "teacher_epochs": 0, "teacher_update": "concurrent",
                 "check_points": 512}
@@ -29,6 +30,11 @@ class DYNAT(Method):
         super().__init__(cfg)
         self.holdout = self.p["check_points"]  # held-out training images for the teacher's clean accuracy
         self.teacher = None
+
+    @classmethod
+    def teacher_recipe(cls, params: dict) -> dict:
+        # the teacher never trains on the images its accuracy is checked on
+        return {"model": params["teacher_model"], "epochs": params["teacher_epochs"], "holdout": params["check_points"]}
 
     def attack_steps(self) -> int:
         return self.p["steps"]

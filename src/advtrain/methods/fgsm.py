@@ -10,7 +10,7 @@ or `off` (only report it). Every event is logged and recorded in the metrics (`o
 import torch.nn.functional as F
 
 from ..attacks import pgd, worst_case
-from ..config import choice, integer, number
+from ..schema import choice, integer, number
 from .base import Method
 
 

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import integer
+from ..schema import integer
 from .base import Method
 
 

@@ -3,7 +3,7 @@
 K starts at 0 (plain training), is 1 in the second epoch, and grows by the rule up to `k_max` (7); the step size is
 alpha_K = max(eps / K, alpha). G is measured at the training forward pass. (The reference script's `alpah` typo,
 which crashes at K >= 5, has no counterpart here.)"""
-from ..config import choice, integer, number, optional
+from ..schema import choice, integer, number, optional
 from ..magnitude import MagnitudeDriven
 from .pgd import PGD
 

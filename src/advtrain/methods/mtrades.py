@@ -1,6 +1,6 @@
 """M+TRADES: TRADES whose inner step count is driven by the gradient-magnitude rule (magnitude.py),
 from 0 up to `k_max` (10)."""
-from ..config import integer, number, optional
+from ..schema import integer, number, optional
 from ..magnitude import MagnitudeDriven
 from .trades import TRADES
 

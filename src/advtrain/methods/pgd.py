@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import pgd
-from ..config import choice, integer, number, optional
+from ..schema import choice, integer, number, optional
 from .base import Method
 
 

@@ -1,11 +1,11 @@
-"""Standard (clean) training: the non-robust baseline, and the way DYNAT's teacher is pretrained.
+"""Standard (clean) training: the non-robust baseline, and the way a teacher-based method's teacher is pretrained.
 
 With `holdout: N` the last N training images are kept out of training and the clean accuracy on them is reported
-each epoch (DYNAT's teacher holds out the same images its student's check uses)."""
+each epoch (a teacher holds out the images its student's check uses: Method.teacher_recipe)."""
 import torch.nn.functional as F
 
 from ..attacks import predict
-from ..config import integer
+from ..schema import integer
 from .base import Method
 
 

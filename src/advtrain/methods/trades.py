@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attacks import project_box
-from ..config import integer, number, optional
+from ..schema import integer, number, optional
 from .base import Method
 
 

@@ -2,6 +2,8 @@
 import torch.nn.functional as F
 from torch import nn
 
+from .base import ModelSpec
+
 
 class PreActBlock(nn.Module):
     expansion = 1
@@ -39,3 +41,7 @@ class PreActResNet18(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn(self.layers(self.conv1(x))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+SPEC = ModelSpec("preact_resnet18", lambda c, k: PreActResNet18(c, k), fits=lambda s: min(s[1:]) >= 16,
+                 fits_doc="it needs images of at least 16x16", paper_name=lambda p: "PreActResNet-18")

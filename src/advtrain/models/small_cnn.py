@@ -2,6 +2,9 @@
 adversarially train on two CPU cores in minutes (about 1.2M multiply-adds per image at width 16, kernel 3)."""
 from torch import nn
 
+from ..schema import choice, integer
+from .base import ModelSpec
+
 
 class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128, kernel: int = 3):
@@ -19,3 +22,12 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+SPEC = ModelSpec(
+    "small_cnn",
+    lambda c, k, width=16, hidden=128, kernel=3: SmallCNN(c, k, width, hidden, kernel),
+    {"width": integer(1), "hidden": integer(1), "kernel": choice(3, 5)},
+    fits=lambda s: s[1:] == (28, 28), fits_doc="it is built for 28x28 inputs",
+    paper_name=lambda p: "SmallCNN",
+)

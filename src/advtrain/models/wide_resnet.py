@@ -2,6 +2,9 @@
 import torch.nn.functional as F
 from torch import nn
 
+from ..schema import fail, integer, number
+from .base import ModelSpec
+
 
 class WideBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
@@ -43,3 +46,18 @@ class WideResNet(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def check_depth(v, key):
+    if integer(10)(v, key) and (v - 4) % 6:
+        fail(key, "6n+4 (e.g. 16, 28, 34)", v)
+    return v
+
+
+SPEC = ModelSpec(
+    "wide_resnet",
+    lambda c, k, depth=34, width=10, dropout=0.0: WideResNet(depth, width, c, k, dropout),
+    {"depth": check_depth, "width": integer(1), "dropout": number(0, 1, hi_open=True)},
+    fits=lambda s: min(s[1:]) >= 16, fits_doc="it needs images of at least 16x16",
+    paper_name=lambda p: f"WideResNet-{p.get('depth', 34)}-{p.get('width', 10)}",
+)

@@ -1,7 +1,7 @@
-"""Speed benchmark (issue #7): our Trainer against a seed-style training loop, and against the hardware's limit.
+"""Speed benchmark: our Trainer against a seed-style training loop, and against the hardware's limit.
 
-    python -m advtrain.bench --size small --out bench.json
-    python -m advtrain.bench --size tiny --configs fashionmnist --methods pgd10,free8 --device cpu
+    python benchmarks/bench.py --size small --out bench.json
+    python benchmarks/bench.py --size tiny --configs fashionmnist --methods pgd10,free8 --device cpu
 
 Two configurations, on synthetic uint8 data of the real shapes (throughput does not depend on the pixel values):
   cifar10       PreActResNet-18, 3x32x32, 10 classes, random crop (pad 4) + horizontal flip, eps 8/255, alpha 2/255
@@ -13,7 +13,7 @@ Methods, each with its step count pinned (the repo's params.yaml lowers some of 
   from scratch, as its reference; no held-out check).
 
 OURS is the real `advtrain.trainer.Trainer` built from a validated `config.Params` (precision, channels_last and the
-device loader as `auto` picks them), running its own epoch loop (`Trainer._run_epoch`, i.e. `fit` without the
+device loader as `auto` picks them), running its own epoch loop (`Trainer.run_epoch`, i.e. `fit` without the
 checkpoint writes between epochs). Its figures are the ones the trainer logs: images/s (minibatch images per
 second) and forward/backward passes (minibatch equivalents; PGD-K = K + 1 per batch, TRADES-K and DYNAT-K = K + 2,
 FREE-m = m, DEAT-r = r, FGSM = 2).
@@ -76,10 +76,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import DATASETS, Params
-from .io import write_json
-from .models import model_for
-from .trainer import Trainer, pick_device
+from advtrain.config import Params
+from advtrain.io import write_json
+from advtrain.methods import METHODS as ADVTRAIN_METHODS
+from advtrain.models import model_for
+from advtrain.sources import SOURCES
+from advtrain.trainer import Trainer, pick_device
 
 CONFIGS = {  # dataset -> (model, augmentation, eps, alpha, DEAT's alpha)
     "cifar10": {"model": "preact_resnet18", "augment": {"crop": 4, "flip": True}, "eps": "8/255", "alpha": "2/255",
@@ -129,7 +131,7 @@ def bench_config(method: str, dataset: str, batch_size: int, device: str, epochs
         settings["alpha"] = c["deat_alpha"]
     raw = {
         "seed": 0,
-        "datasets": {dataset: {"model": c["model"], "eps": c["eps"], "alpha": c["alpha"], "augment": c["augment"]}},
+        "datasets": {dataset: {"source": dataset, "model": c["model"], "eps": c["eps"], "alpha": c["alpha"], "augment": c["augment"]}},
         "models": {"small_cnn": {"width": 16, "hidden": 128, "kernel": 3}},
         "methods": {ours: settings},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": LR, "momentum": MOMENTUM,
@@ -143,10 +145,10 @@ def bench_config(method: str, dataset: str, batch_size: int, device: str, epochs
 
 
 def synthetic(dataset: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    info = DATASETS[dataset]
+    source = SOURCES[dataset]
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 256, (n, *info["shape"]), generator=g, dtype=torch.uint8),
-            torch.randint(0, info["classes"], (n,), generator=g))
+    return (torch.randint(0, 256, (n, *source.shape), generator=g, dtype=torch.uint8),
+            torch.randint(0, source.num_classes, (n,), generator=g))
 
 
 # --- the seed-style reference loop ---------------------------------------------------------------------------------
@@ -345,18 +347,17 @@ class Reference:
 
 class Ours:
     def __init__(self, cfg, method: str, images, labels, ckpt: Path, compile: bool = False):
-        teacher = model_for(cfg) if cfg.method == "dynat" else None
+        teacher = model_for(cfg) if ADVTRAIN_METHODS[cfg.method].needs_teacher else None
         self.trainer = Trainer(cfg, images, labels, ckpt, log=lambda m: None, teacher=teacher)
         if compile:  # the trainer has no compile setting (it lost on the CPU, see docs/benchmarks.md): try it here
             self.trainer.model = torch.compile(self.trainer.model)
         if cfg.method == "deat":  # pin r: the rule starts at r and its fixed staircase never moves
             rule = self.trainer.method.rule
             rule.start = rule.count = METHODS[method][2][2]
-        self.epoch = 0
 
     def run_epoch(self) -> dict:
-        m = self.trainer._run_epoch(self.epoch)
-        self.epoch += 1
+        m = self.trainer.run_epoch()
+        self.trainer.epoch += 1
         return {"seconds": m["seconds"], "images": round(m["images_per_s"] * m["seconds"]), "passes": m["passes"],
                 "batch_size": self.trainer.tr["batch_size"], "loss": m["loss"]}
 
@@ -530,15 +531,16 @@ def autoattack_model(n: int, device: torch.device, tmp: Path):
     """The small CNN and n test points for the AutoAttack timing: PGD-3 trained for 6,400 images on the real
     Fashion-MNIST when its offline copy is present (robust accuracy mid-range, so every attack of the cascade has
     points left to work on); otherwise untrained, on synthetic points labelled with its own predictions."""
-    from .attacks import pgd
-    from .data import FASHION_SYSTEM_DIR, FASHION_FILES, load_split, prepare
+    from advtrain.attacks import pgd
+    from advtrain.prepared import load_split, prepare
+    from advtrain.sources.fashionmnist import FILES, system_dir
 
     cfg = bench_config("standard", "fashionmnist", 128, device.type, 1)
     torch.manual_seed(0)
     model = model_for(cfg).to(device)
-    system = Path(os.environ.get("ADVTRAIN_FASHIONMNIST_DIR", FASHION_SYSTEM_DIR))
-    if all((system / f"{name}.gz").exists() or (system / name).exists() for name in FASHION_FILES):
-        prepare("fashionmnist", tmp / "fashionmnist", tmp / "raw")
+    system = system_dir()
+    if all((system / f"{name}.gz").exists() or (system / name).exists() for name in FILES):
+        prepare(SOURCES["fashionmnist"](), tmp / "fashionmnist", tmp / "raw")
         xs, ys, _ = load_split(tmp / "fashionmnist", "train")
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         for i in range(0, 6400, 128):
@@ -563,7 +565,7 @@ def bench_autoattack(n: int, device: torch.device, tmp: Path) -> dict:
 
     import pyautoattack
 
-    from .evaluate import evaluate
+    from advtrain.evaluate import evaluate
 
     cfg, model, x, y, what = autoattack_model(n, device, tmp)
     out = {"n_points": n, "eps": cfg.eps, "model": what}
@@ -621,7 +623,7 @@ def table(results: dict, peak: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="advtrain bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")

@@ -1,0 +1,28 @@
+"""`advtrain report`: the HTML and Markdown report over every configured run, also logged as an MLflow run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import Params
+from ..console import log
+from ..errors import UserError
+from ..paths import result_path
+from ..report import build_report
+from ..tracking import Tracker
+
+
+def run(params: Params, out: str) -> None:
+    runs = params.runs
+    if not runs:
+        raise UserError(f"{params.path}: `runs` is empty: list the (method, dataset) pairs the report should compare")
+    missing = [str(result_path(m, d)) for m, d in runs if not result_path(m, d).exists()]
+    if missing:
+        raise UserError(f"missing results: {', '.join(missing)}: run `snakemake --cores 2 reports/report.html` "
+                        "(or `dvc repro`) to compute them")
+    html, md = build_report(runs, Path(out))
+    log(f"[report] {len(runs)} runs -> {html}, {md}")
+    tracker = Tracker(params.data["tracking"]["experiment"], log=log)
+    if tracker.open_run("report", "report", tags={"kind": "report"}):
+        tracker.log_artifacts([html, md])
+        tracker.log_artifacts(sorted((Path(out) / "figures").glob("*.png")), "figures")
+        tracker.finish()

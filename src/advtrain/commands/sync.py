@@ -1,0 +1,36 @@
+"""`advtrain sync METHOD DATASET`: log a run's local records (metrics JSON, result JSON) into the MLflow store, after
+the store was unreachable while the run trained or was evaluated. Twice is harmless: nothing is logged twice."""
+from __future__ import annotations
+
+import json
+
+from ..config import Params
+from ..console import log
+from ..errors import UserError
+from ..paths import result_path, train_metrics_path
+from ..tracking import Tracker, log_result, tracking_uri
+
+
+def run(params: Params, method: str, dataset: str) -> None:
+    cfg = params.resolve(method, dataset)
+    mpath = train_metrics_path(method, dataset)
+    if not mpath.exists():
+        raise UserError(f"{mpath}: no local training record to log: train it first (`advtrain train "
+                        f"{method} {dataset}`)")
+    metrics = json.loads(mpath.read_text())
+    tracker = Tracker(cfg.experiment, log=log)
+    key = metrics.get("mlflow_run_key")
+    if not tracker.open_run(cfg.name, key, tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model}):
+        raise UserError(f"MLflow store {tracking_uri()} is still unreachable: set MLFLOW_TRACKING_URI to a reachable "
+                        "one and rerun `advtrain sync`")
+    tracker.log_params(metrics["params"])
+    tracker.log_epochs(metrics["epochs"])
+    if not tracker.logged_steps("train_total_epochs"):
+        tracker.log_totals(metrics["totals"], len(metrics["epochs"]))
+    tracker.log_artifacts([mpath])
+    tracker.finish()
+    rpath = result_path(method, dataset)
+    if rpath.exists():
+        log_result(cfg, json.loads(rpath.read_text()), rpath, log)
+    log(f"[sync] {cfg.name}: {len(metrics['epochs'])} epochs{' and the evaluation' if rpath.exists() else ''} "
+        f"logged to {tracking_uri()} (run {tracker.run_id})")

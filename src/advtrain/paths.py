@@ -1,0 +1,69 @@
+"""The on-disk layout of a project: every file a stage reads or writes, relative to the project root.
+
+One place for it: the command-line stages, the report and the tests use these functions; the Snakefile builds its
+rules from the patterns below, and a test keeps dvc.yaml's paths equal to them. A run is one (method, dataset);
+a teacher is the clean-trained model a teacher-based method learns from (`Method.needs_teacher`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+PREPARED = "data/prepared/{dataset}"
+MODEL = "models/{method}_{dataset}.pt"
+TRAIN_METRICS = "metrics/train/{method}_{dataset}.json"
+TEACHER = "models/teachers/{method}_{dataset}.pt"
+TEACHER_METRICS = "metrics/teachers/{method}_{dataset}.json"
+RESULT = "results/{method}_{dataset}.json"
+LOG = "logs/{stage}/{name}.log"
+REPORT_DIR = "reports"
+# Resumable state is deliberately not a declared output of any stage: Snakemake and DVC delete declared outputs
+# before a job runs, and this is what lets a rerun continue.
+CHECKPOINT = "checkpoints/{name}.pt"
+EVAL_STATE = "checkpoints/eval/{method}_{dataset}.pt"
+
+
+def run_name(method: str, dataset: str) -> str:
+    return f"{method}_{dataset}"
+
+
+def teacher_name(method: str, dataset: str) -> str:
+    return f"teacher_{method}_{dataset}"
+
+
+def prepared_dir(dataset: str) -> Path:
+    return Path(PREPARED.format(dataset=dataset))
+
+
+def model_path(method: str, dataset: str) -> Path:
+    return Path(MODEL.format(method=method, dataset=dataset))
+
+
+def train_metrics_path(method: str, dataset: str) -> Path:
+    return Path(TRAIN_METRICS.format(method=method, dataset=dataset))
+
+
+def teacher_path(method: str, dataset: str) -> Path:
+    return Path(TEACHER.format(method=method, dataset=dataset))
+
+
+def teacher_metrics_path(method: str, dataset: str) -> Path:
+    return Path(TEACHER_METRICS.format(method=method, dataset=dataset))
+
+
+def result_path(method: str, dataset: str) -> Path:
+    return Path(RESULT.format(method=method, dataset=dataset))
+
+
+def checkpoint_path(name: str) -> Path:
+    return Path(CHECKPOINT.format(name=name))
+
+
+def eval_state_path(method: str, dataset: str) -> Path:
+    return Path(EVAL_STATE.format(method=method, dataset=dataset))
+
+
+def log_path(stage: str, name: str) -> Path:
+    return Path(LOG.format(stage=stage, name=name))
+
+
+def report_dir() -> Path:
+    return Path(REPORT_DIR)

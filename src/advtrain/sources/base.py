@@ -1,0 +1,50 @@
+"""The contract between `advtrain prepare` and a data source.
+
+A source knows where a dataset comes from and what it is: image shape, classes, the per-channel mean/std the model's
+normalisation layer uses, the checksums that prove a copy is the published one, and how to read it. `fetch` returns
+both splits as uint8 tensors; `advtrain prepare` (prepared.py) validates them and writes the prepared format.
+Adding a dataset = one new file here + one line in SOURCES (sources/__init__.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..schema import Check
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+
+@dataclass
+class Fetched:
+    train: Split
+    test: Split
+    classes: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)  # where it came from and the checksums verified
+
+
+class Source:
+    name: ClassVar[str]
+    shape: ClassVar[tuple[int, int, int]]  # (C, H, W)
+    num_classes: ClassVar[int]
+    mean: ClassVar[tuple[float, ...]]
+    std: ClassVar[tuple[float, ...]]
+    params: ClassVar[dict[str, Check]] = {}  # the source's own settings (datasets.<name>.source), validated on load
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, settings: dict | None = None) -> None:
+        self.settings = {**self.defaults, **(settings or {})}
+
+    def info(self) -> dict:
+        """What a model of this data is built from: shape, number of classes, normalisation."""
+        return {"shape": tuple(self.shape), "classes": self.num_classes, "mean": tuple(self.mean), "std": tuple(self.std)}
+
+    def fetch(self, raw_dir: Path) -> Fetched:
+        """Both splits, verified against the published checksums; a UserError names what is wrong and the fix."""
+        raise NotImplementedError
