@@ -47,6 +47,7 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     for name in ("Snakefile", "dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, path / name)
     shutil.copytree(ROOT / "workflow", path / "workflow")
+    shutil.copytree(ROOT / "profiles", path / "profiles")
     params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), deep_update(TINY, overrides or {}))
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], path)

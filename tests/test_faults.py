@@ -5,11 +5,14 @@ uninterrupted run ends (same weights, same per-epoch metrics, same evaluation), 
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from advtrain import paths
+from advtrain.config import Params
 from conftest import BIN, env, make_project, run
 
 OVERRIDES = {
@@ -20,7 +23,16 @@ OVERRIDES = {
     "methods": {"pgd": {"fashionmnist": {"steps": 2}}},
 }
 MODEL, METRICS, RESULT = "models/pgd_fashionmnist.pt", "metrics/train/pgd_fashionmnist.json", "results/pgd_fashionmnist.json"
-CHECKPOINT = "checkpoints/pgd_fashionmnist.pt"
+
+
+
+def checkpoint(proj) -> Path:
+    """The training checkpoint of the run's settings: one slot per fingerprint in checkpoints/pgd_fashionmnist/."""
+    return proj / paths.checkpoint_path("pgd_fashionmnist", fingerprint(proj))
+
+
+def fingerprint(proj) -> str:
+    return Params.load(proj / "params.yaml").resolve("pgd", "fashionmnist").train_fingerprint()
 TIMING = ("seconds", "images_per_s", "eval_seconds", "seconds_per_attack", "versions", "mlflow_run_key")  # per run
 
 
@@ -48,7 +60,7 @@ def weights(proj):
 def epochs_in_mlflow(proj, name="pgd_fashionmnist"):
     client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
-    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run") == name]
     assert len(runs) == 1, [r.info.run_id for r in runs]  # a resumed run logs into the same MLflow run
     return runs[0], sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss"))
 
@@ -86,12 +98,12 @@ def assert_same_training(proj, reference):
 
 
 # Each sequence: the same command killed again and again, each time at another point (counts are per process), then
-# run to the end; the result must be the uninterrupted run's. 10 batches per epoch; the files called
-# pgd_fashionmnist.pt are the checkpoints (at the start and after every epoch) and, last, the model file.
+# run to the end; the result must be the uninterrupted run's. 10 batches per epoch; {ckpt} is the checkpoint's file
+# (written at the start and after every epoch), pgd_fashionmnist.pt the model file.
 TRAINING_KILLS = {
     "in epoch 1 (before any epoch completed), after epoch 2's checkpoint before its logging, while publishing the "
-    "model file": [("train.batch:5", 0), ("train.epoch_end:2", 2), ("write@pgd_fashionmnist.pt:2", 3)],
-    "in epoch 2, while publishing epoch 3's checkpoint": [("train.batch:15", 1), ("write@pgd_fashionmnist.pt:2", 2)],
+    "model file": [("train.batch:5", 0), ("train.epoch_end:2", 2), ("write@pgd_fashionmnist.pt:1", 3)],
+    "in epoch 2, while publishing epoch 3's checkpoint": [("train.batch:15", 1), ("write@{ckpt}:2", 2)],
 }
 
 
@@ -99,11 +111,12 @@ TRAINING_KILLS = {
 def test_training_killed_then_rerun_ends_as_if_never_killed(kills, base, reference, tmp_path):
     proj = fresh(base, tmp_path)
     for fault, epoch_kept in kills:
+        fault = fault.format(ckpt=f"{fingerprint(proj)}.pt")
         p = advtrain(proj, "train", "pgd", "fashionmnist", fault=fault)
         assert p.returncode == -9, (fault, p.returncode, p.stdout[-2000:], p.stderr[-2000:])  # really SIGKILLed
         assert not (proj / MODEL).exists() and not (proj / METRICS).exists()  # no output a later stage could take
         # the checkpoint the kill left is a whole one, of the last completed epoch
-        assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] == epoch_kept, fault
+        assert torch.load(checkpoint(proj), weights_only=True)["epoch"] == epoch_kept, fault
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training(proj, reference)
@@ -115,7 +128,7 @@ def test_training_killed_under_snakemake_resumes_with_the_same_command(base, ref
     e = env()
     e["ADVTRAIN_FAULT"] = "train.batch:25"
     p = subprocess.run(cmd, cwd=proj, env=e, capture_output=True, text=True, timeout=600)
-    assert p.returncode != 0 and (proj / CHECKPOINT).exists() and not (proj / MODEL).exists()
+    assert p.returncode != 0 and checkpoint(proj).exists() and not (proj / MODEL).exists()
     p = run(cmd, proj)
     assert "resuming after epoch 2/3" in p.stdout + p.stderr
     assert_same_training(proj, reference)
@@ -128,7 +141,7 @@ def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
     err = p.stderr.strip()
     assert len(err.splitlines()) == 1 and "NaN/inf at epoch 2, optimizer step 5/10" in err, err
     assert "last good checkpoint (epoch 1)" in err
-    assert torch.load(proj / CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert torch.load(checkpoint(proj), weights_only=True)["epoch"] == 1
     assert not (proj / MODEL).exists()
     assert epochs_in_mlflow(proj)[0].info.status == "FAILED"
     p = advtrain(proj, "train", "pgd", "fashionmnist")  # the fault was transient: the rerun resumes after epoch 1
@@ -140,8 +153,8 @@ def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoi
 def test_a_corrupt_training_checkpoint_is_replaced_by_a_fresh_run(base, reference, tmp_path):
     proj = fresh(base, tmp_path)
     assert advtrain(proj, "train", "pgd", "fashionmnist", fault="train.batch:25").returncode == -9
-    data = (proj / CHECKPOINT).read_bytes()
-    (proj / CHECKPOINT).write_bytes(data[: len(data) // 3])  # a disk that lost the tail of the file
+    data = checkpoint(proj).read_bytes()
+    checkpoint(proj).write_bytes(data[: len(data) // 3])  # a disk that lost the tail of the file
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "not a readable training checkpoint" in p.stdout and "resuming" not in p.stdout
@@ -196,13 +209,14 @@ def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_resu
         p = advtrain(proj, "evaluate", "pgd", "fashionmnist", fault=fault)
         assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
         assert last_line in p.stdout.strip().splitlines()[-2], p.stdout[-1000:]  # killed where intended
-        assert ("resuming from checkpoints/eval/pgd_fashionmnist.pt" in p.stdout) == (i > 0)
+        assert ("resuming from checkpoints/eval/pgd_fashionmnist/" in p.stdout) == (i > 0)
         assert not (proj / RESULT).exists()
     p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "resuming from checkpoints/eval/pgd_fashionmnist.pt: 4/4 attacks" in p.stdout
+    # killed while publishing: the finished evaluation was kept, and is published without attacking again
+    assert "evaluated with these settings before: publishing that result" in p.stdout
     assert untimed(json.loads((proj / RESULT).read_text())) == reference["result"]
-    assert not (proj / "checkpoints/eval/pgd_fashionmnist.pt").exists()  # the state goes once the result is written
+    assert not list((proj / "checkpoints/eval/pgd_fashionmnist").glob("*.pt"))  # the state goes once it finished
 
 
 def test_an_unreachable_tracking_store_warns_once_and_the_run_is_synced_later(base, reference, tmp_path):

@@ -253,7 +253,7 @@ def test_dynat_teacher_moves_only_when_concurrent(update, tmp_path):
 def test_dynat_refuses_to_start_without_its_teacher(tmp_path):
     from advtrain.errors import UserError
 
-    with pytest.raises(UserError, match="advtrain pretrain fashionmnist"):
+    with pytest.raises(UserError, match="advtrain pretrain dynat fashionmnist"):
         Trainer(config("dynat"), *synthetic(), tmp_path / "c.pt", log=lambda m: None)
 
 

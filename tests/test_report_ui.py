@@ -109,7 +109,7 @@ def test_mlflow_server_serves_the_runs_metrics_over_rest(snakemake_project):
         wait_for(f"http://127.0.0.1:{port}/health", proc)
         exp = http("GET", f"{api}/experiments/get-by-name?experiment_name=advtrain")["experiment"]
         runs = http("POST", f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                                   "filter": "attributes.run_name = 'pgd_fashionmnist'"})["runs"]
+                                                   "filter": "tags.run = 'pgd_fashionmnist'"})["runs"]
         assert len(runs) == 1
         run_id = runs[0]["info"]["run_id"]
         history = http("GET", f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]

@@ -44,7 +44,7 @@ def test_snakemake_end_to_end(snakemake_project):
 def test_mlflow_holds_the_logged_metrics(snakemake_project):
     client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    runs = {r.data.tags.get("run", r.info.run_name): r for r in client.search_runs([exp.experiment_id])}
     assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_dynat_fashionmnist",
                          "dynat_fashionmnist", "report"}  # one run per (method, dataset), DYNAT's teacher, the report
     report_files = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
@@ -52,6 +52,7 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
     figures = {a.path for a in client.list_artifacts(runs["report"].info.run_id, "figures")}
     assert "figures/fashionmnist_examples.png" in figures
     run_ = runs["pgd_fashionmnist"]
+    assert run_.info.run_name.startswith("pgd_fashionmnist@")  # the run and its settings' fingerprint
     history = client.get_metric_history(run_.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]
     local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist.json").read_text())
@@ -77,7 +78,8 @@ def test_dvc_repro_reruns_only_what_changed(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", second))
-    assert ran == {"train@pgd-fashionmnist", "evaluate@pgd-fashionmnist", "report"}, second
+    # check: params.yaml is validated first whenever it changed (its marker stays the same, so prepare does not rerun)
+    assert ran == {"check", "train@pgd-fashionmnist", "evaluate@pgd-fashionmnist", "report"}, second
     assert "prepare@fashionmnist" not in ran
     assert (proj / "models/pgd_fashionmnist.pt").read_bytes() != model_before
     third = run([str(BIN / "dvc"), "repro"], proj).stdout
@@ -92,7 +94,8 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
     # each stage's output also goes to its log file (Snakemake's `log:`); the stage itself is what follows
     stages = {re.sub(r"^advtrain --log \S+ ", "advtrain ", c) for c in snake_cmds}
     with Repo(str(proj)) as repo:  # DVC's own rendering of dvc.yaml (its foreach/matrix templating resolved)
-        dvc_cmds = {stage.cmd for stage in repo.index.stages}
+        # DVC's check stage stands for the Snakefile's validation when it loads (DVC has no such hook)
+        dvc_cmds = {stage.cmd for stage in repo.index.stages} - {"advtrain --log logs/check/check.log check --out logs/check/params.valid"}
     assert snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
     assert {"advtrain prepare fashionmnist", "advtrain pretrain dynat fashionmnist", "advtrain train pgd fashionmnist",
             "advtrain train dynat fashionmnist", "advtrain evaluate dynat fashionmnist", "advtrain report"} <= stages
@@ -125,6 +128,6 @@ def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"pretrain@dynat-fashionmnist", "train_with_teacher@dynat-fashionmnist",
+    assert ran == {"check", "pretrain@dynat-fashionmnist", "train_with_teacher@dynat-fashionmnist",
                    "evaluate_with_teacher@dynat-fashionmnist", "report"}, out
     assert len(json.loads((proj / "metrics/teachers/dynat_fashionmnist.json").read_text())["epochs"]) == 2

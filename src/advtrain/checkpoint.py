@@ -61,9 +61,11 @@ def save_model(path: str | Path, model: torch.nn.Module, meta: dict, kind: str =
 def load_model(path: str | Path, expect: dict | None = None, kind: str = "model") -> tuple[dict, dict]:
     """(meta, state_dict) of a model file of `kind`; `expect` (e.g. {"dataset": "cifar10"}) must match its meta."""
     path = Path(path)
-    fix = f"retrain it (`snakemake -R train {path}` or `advtrain train ...`)"
+    verb = {"model": "train", "teacher": "pretrain"}[kind]
+    fix = f"{verb} it again (`snakemake --cores 1 --force {path}`, or `advtrain {verb} METHOD DATASET`)"
     if not path.exists():
-        raise UserError(f"{path}: model file missing: train it first (`snakemake --cores 1 {path}`)")
+        raise UserError(f"{path}: model file missing: {verb} it first (`snakemake --cores 1 {path}`, or "
+                        f"`advtrain {verb} METHOD DATASET`)")
     obj = _load(path, "model checkpoint", fix)
     if obj.get("kind") != kind:
         what = {"model": "a trained model", "teacher": "a pretrained teacher"}[kind]

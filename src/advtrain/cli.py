@@ -53,7 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.set_defaults(fn=lambda a, params: report.run(params, a.out))
     p = sub.add_parser("check", help="validate params.yaml")
-    p.set_defaults(fn=lambda a, params: check.run(params))
+    p.add_argument("--out", metavar="FILE", help="once valid, write a marker file (dvc.yaml's check stage)")
+    p.set_defaults(fn=lambda a, params: check.run(params, a.out))
     return ap
 
 

@@ -226,6 +226,16 @@ class Params:
             self.check_dataset(dataset)
         for method, dataset in self.runs:
             self.check_run(method, dataset, where="runs")
+            if METHODS[method].needs_teacher:
+                self.teacher_config(method, dataset)
+            self.resolve(method, dataset)
+
+    def require_runs(self) -> None:
+        """What `advtrain check`, the Snakefile and the report need: at least one configured run."""
+        runs = self.data["runs"]
+        if not runs["datasets"] or not (runs["methods"] or runs["teacher_methods"]):
+            raise ConfigError(f"{self.path}: runs lists no (method, dataset) pair, so the workflow has nothing to do: "
+                              "set runs.datasets and runs.methods (or runs.teacher_methods)")
 
     @staticmethod
     def _method_schema(method_cls, datasets: dict) -> Check:
@@ -282,7 +292,7 @@ class Params:
         mparams.update({k: v for k, v in mraw.items() if k in own})
         mparams.update({k: v for k, v in mds.items() if k not in blocks})
         layered = lambda key: {**d[key], **ds.get(key, {}), **mraw.get(key, {}), **mds.get(key, {})}  # noqa: E731
-        return RunConfig(
+        cfg = RunConfig(
             method=method,
             dataset=dataset,
             model=ds["model"],
@@ -298,6 +308,28 @@ class Params:
             experiment=d["tracking"]["experiment"],
             info=self.source(dataset).info(),
         )
+        self._check_work(cfg)
+        return cfg
+
+    def _check_work(self, cfg: RunConfig, holdout: int | None = None, who: str | None = None) -> None:
+        """Refuse settings that leave a stage with nothing to do (which would otherwise pass silently): no training
+        image left after the held-out ones, no test point."""
+        sizes = self.source(cfg.dataset).sizes
+        if not sizes:  # known only once prepared: the trainer checks then
+            return
+        subset = cfg.training["train_subset"]
+        n = min(subset, sizes["train"]) if subset else sizes["train"]
+        method = METHODS[cfg.method]
+        held = method.held_out(cfg.method_params) if holdout is None else holdout
+        if n - held < 1:
+            kept = (f"datasets.{cfg.dataset}.training.train_subset keeps {n}" if subset else
+                    f"{cfg.dataset} has {n}")
+            setting = who or f"methods.{cfg.method}.{method.held_out_key}"
+            raise ConfigError(f"{self.path}: {cfg.name} would train on no image: {kept} training images and "
+                              f"{setting} holds out {held} of them: lower {setting.rsplit('.', 1)[-1]} or keep "
+                              "more training images")
+        if sizes["test"] < 1:
+            raise ConfigError(f"{self.path}: {cfg.dataset} has no test image to evaluate on")
 
     @property
     def runs(self) -> list[tuple[str, str]]:
@@ -320,4 +352,5 @@ class Params:
         cfg.method_params = {"holdout": recipe["holdout"]}
         cfg.model_kwargs = dict(self.data["models"].get(model, {}))
         cfg.training = {**cfg.training, "epochs": recipe["epochs"]}
+        self._check_work(cfg, who=f"methods.{method}.{METHODS[method].held_out_key}")
         return cfg

@@ -1,10 +1,16 @@
-"""Atomic writes: every output appears whole or not at all (temp file in the same folder, then rename)."""
+"""Atomic, byte-stable writes: every output appears whole or not at all, and the same content gives the same bytes.
+
+A file is written under its own name inside a fresh hidden folder beside the target, fsynced, then renamed onto the
+target. Its own name matters: torch.save records the file's name inside the archive, so a random temporary name
+would give the same weights a different sha256 on every write (and DVC would rerun everything downstream).
+Files are created by open(), so they get the user's umask like any other file."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,12 +20,12 @@ from . import faults
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+    """Yield a temporary path with the target's name; on success it is fsynced and renamed onto `path`.
+    A process killed before the rename leaves only a `.NAME.*` folder beside the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = folder / path.name
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -27,7 +33,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         faults.fires("write", path.name)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -15,10 +15,13 @@ TEACHER_METRICS = "metrics/teachers/{method}_{dataset}.json"
 RESULT = "results/{method}_{dataset}.json"
 LOG = "logs/{stage}/{name}.log"
 REPORT_DIR = "reports"
+PARAMS_VALID = "logs/check/params.valid"  # dvc.yaml's check stage: every other stage runs after it
 # Resumable state is deliberately not a declared output of any stage: Snakemake and DVC delete declared outputs
-# before a job runs, and this is what lets a rerun continue.
-CHECKPOINT = "checkpoints/{name}.pt"
-EVAL_STATE = "checkpoints/eval/{method}_{dataset}.pt"
+# before a job runs, and this is what lets a rerun continue. One slot per distinct setting (its fingerprint), so
+# a run with other settings never overwrites finished work: going back to earlier settings re-publishes it.
+CHECKPOINT = "checkpoints/{name}/{fingerprint}.pt"
+EVAL_STATE = "checkpoints/eval/{name}/{key}.pt"  # an evaluation in progress
+EVAL_DONE = "checkpoints/eval/{name}/{key}.json"  # a finished evaluation's record, re-published when asked again
 
 
 def run_name(method: str, dataset: str) -> str:
@@ -53,12 +56,21 @@ def result_path(method: str, dataset: str) -> Path:
     return Path(RESULT.format(method=method, dataset=dataset))
 
 
-def checkpoint_path(name: str) -> Path:
-    return Path(CHECKPOINT.format(name=name))
+def checkpoint_path(name: str, fingerprint: str) -> Path:
+    return Path(CHECKPOINT.format(name=name, fingerprint=fingerprint))
 
 
-def eval_state_path(method: str, dataset: str) -> Path:
-    return Path(EVAL_STATE.format(method=method, dataset=dataset))
+def run_lock(name: str) -> Path:
+    """Held while a process trains or evaluates the run `name`."""
+    return checkpoint_path(name, "lock").parent / ".lock"
+
+
+def eval_state_path(name: str, key: str) -> Path:
+    return Path(EVAL_STATE.format(name=name, key=key[:16]))
+
+
+def eval_done_path(name: str, key: str) -> Path:
+    return Path(EVAL_DONE.format(name=name, key=key[:16]))
 
 
 def log_path(stage: str, name: str) -> Path:

@@ -42,16 +42,15 @@ def prepare(source: Source, out_dir: str | os.PathLike, raw_dir: str | os.PathLi
         "n_test": len(fetched.test.labels),
         "sha256": {"train.pt": sha256_file(out_dir / "train.pt"), "test.pt": sha256_file(out_dir / "test.pt")},
         "source": fetched.provenance,
-        "seconds": round(time.time() - t0, 2),
-    }
+    }  # no time stamp or duration: the same source gives a byte-identical folder, so DVC sees nothing changed
     write_json(out_dir / "meta.json", meta)
-    return meta
+    return {**meta, "seconds": time.time() - t0}
 
 
 def load_split(prepared_dir: str | os.PathLike, split: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(uint8 images, int64 labels, meta) of a prepared split, after checking its sha256 against meta.json."""
     d = Path(prepared_dir)
-    fix = f"run `advtrain prepare {d.name}` (or `snakemake --cores 1 -R prepare {d}/meta.json`)"
+    fix = f"run `advtrain prepare {d.name}` (or `snakemake --cores 1 --force {d}/meta.json`)"
     meta_path = d / "meta.json"
     if not meta_path.exists():
         raise UserError(f"{meta_path}: missing, the dataset is not prepared: {fix}")

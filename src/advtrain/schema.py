@@ -66,6 +66,12 @@ def integer(lo: int | None = None, hi: int | None = None) -> Check:
 
 def choice(*options: Any) -> Check:
     def check(v: Any, key: str) -> Any:
+        # YAML 1.1 (PyYAML) reads an unquoted off/on as false/true; YAML 1.2 writers (DVC's `exp run -S`) leave
+        # them unquoted, so `autoattack: off` must mean "off"
+        if v is False and "off" in options:
+            return "off"
+        if v is True and "on" in options:
+            return "on"
         if isinstance(v, bool) and not any(isinstance(o, bool) for o in options):
             fail(key, "one of " + ", ".join(map(str, options)), v)
         if v not in options:

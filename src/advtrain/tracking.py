@@ -1,5 +1,5 @@
-"""MLflow adapter: one run per (method, dataset); training logs params and per-epoch metrics (step = epoch),
-evaluation logs its metrics and files into the same run.
+"""MLflow adapter: one run per distinct training configuration of a (method, dataset), named METHOD_DATASET@FINGERPRINT;
+training logs params and per-epoch metrics (step = epoch), evaluation logs its metrics and files into the same run.
 
 Tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db (MLflow 3 refuses the plain ./mlruns file store).
 An unreachable store never stops training: it warns once and the local metrics JSON stays the record;
@@ -19,6 +19,11 @@ from typing import Any
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 KEY_TAG = "advtrain_run_key"
+
+
+def run_title(name: str, key: str) -> str:
+    """An MLflow run's name: the run and its settings' fingerprint, so retrains with other settings differ."""
+    return f"{name}@{key[:8]}"
 
 
 def tracking_uri() -> str:
@@ -63,8 +68,10 @@ class Tracker:
             self.client = MlflowClient(uri)
         return self.client
 
-    def open_run(self, name: str, key: str | None = None, tags: dict | None = None) -> str | None:
-        """Reopen the run tagged with our `key` if the store has it, else start a new run called `name`."""
+    def open_run(self, name: str, key: str | None = None, tags: dict | None = None, fresh: bool = False) -> str | None:
+        """Reopen the run tagged with our `key` if the store has it, else start a new run called `name`.
+        `fresh`: training starts over (no checkpoint of these settings): an earlier run with the key is superseded
+        (moved to MLflow's deleted runs, where the UI can still show and restore it) rather than logged into twice."""
         if self.disabled:
             return None
         try:
@@ -73,7 +80,11 @@ class Tracker:
             exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
             if key:
                 found = client.search_runs([exp_id], filter_string=f"tags.{KEY_TAG} = '{key}'", max_results=1)
-                if found:
+                if found and fresh:
+                    client.delete_run(found[0].info.run_id)
+                    self.log(f"[{name}] MLflow run {found[0].info.run_id} of these settings is superseded by this "
+                             "fresh start (moved to MLflow's deleted runs)")
+                elif found:
                     self.run_id = found[0].info.run_id
                     client.update_run(self.run_id, status="RUNNING")
                     return self.run_id
@@ -106,8 +117,9 @@ class Tracker:
                 self.log_epoch(metrics)
 
     def log_totals(self, totals: dict, epochs: int) -> None:
-        """A training run's totals, as `train_total_*` at the last epoch's step."""
-        self.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=epochs, prefix="train_")
+        """A training run's totals, as `train_total_*` at the last epoch's step; once, however often it is published."""
+        if epochs not in self.logged_steps("train_total_epochs"):
+            self.log_metrics({f"total_{k}": v for k, v in totals.items()}, step=epochs, prefix="train_")
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.disabled or not self.run_id:
@@ -171,8 +183,9 @@ class TrainingTracker(Tracker):
 
     def on_start(self, trainer, resumed: bool) -> None:
         cfg = trainer.cfg
-        trainer.run_id = self.open_run(cfg.name, trainer.run_key,
-                                       tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model})
+        trainer.run_id = self.open_run(run_title(cfg.name, trainer.run_key), trainer.run_key, fresh=not resumed,
+                                       tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
+                                             "run": cfg.name})
         self.log_params({**cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16})
         if resumed:
             self.log_epochs(trainer.history)
@@ -197,7 +210,9 @@ def eval_metrics(res: dict) -> dict:
 def log_result(cfg, record: dict, path: Path, log=print) -> None:
     """An evaluation's metrics and result file, into the training run it evaluates."""
     tracker = Tracker(cfg.experiment, log=log)
-    if tracker.open_run(cfg.name, record.get("mlflow_run_key"), tags={"method": cfg.method, "dataset": cfg.dataset}):
+    key = record.get("mlflow_run_key")
+    if tracker.open_run(run_title(cfg.name, key or ""), key, tags={"method": cfg.method, "dataset": cfg.dataset,
+                                                                  "run": cfg.name}):
         tracker.log_metrics(eval_metrics(record))
         tracker.log_artifacts([path])
         tracker.finish()

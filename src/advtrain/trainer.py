@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -78,6 +77,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.method = METHODS[cfg.method](cfg)
         self.epochs = self.method.data_passes(self.tr["epochs"])  # FREE-m makes m replays per pass: epochs / m
+        if self.method.needs_teacher and teacher is None:
+            raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.method} {cfg.dataset}` first")
         if self.tr["train_subset"]:
             train_images, train_labels = train_images[: self.tr["train_subset"]], train_labels[: self.tr["train_subset"]]
         self.holdout = None  # images kept out of training for a per-epoch check (FGSM's overfitting guard)
@@ -85,6 +86,9 @@ class Trainer:
             n = self.method.holdout
             self.holdout = (train_images[-n:].to(self.device).float().div(255), train_labels[-n:].to(self.device))
             train_images, train_labels = train_images[:-n], train_labels[:-n]
+        if len(train_labels) == 0:  # params.yaml refuses this for sources of known size; here for the others
+            raise UserError(f"{cfg.name}: no training image left after the {self.method.holdout} held out by "
+                            f"methods.{cfg.method}.{self.method.held_out_key}: lower it or keep more training images")
         self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
                                    crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
                                    channels_last=self.channels_last)
@@ -94,14 +98,14 @@ class Trainer:
                                          weight_decay=self.tr["weight_decay"], foreach=True)
         self.method.setup(self)
         if self.method.needs_teacher:
-            if teacher is None:
-                raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.dataset}` first")
             self.method.attach_teacher(self, teacher)
         self.epoch = 0  # epochs completed
         self.stop_reason: str | None = None  # set by an end-of-epoch check; training ends after that epoch
         self.history: list[dict] = []
         self.run_id: str | None = None  # the MLflow run (None while the store is unreachable)
-        self.run_key = uuid.uuid4().hex  # finds that run again (tracking.py); kept in the checkpoint and model file
+        # finds that run again (tracking.py): one MLflow run per distinct training configuration; kept in the
+        # checkpoint and the model file, so the same settings give byte-identical files
+        self.run_key = cfg.train_fingerprint()
         self._batch = 0  # global minibatch index, for the schedule
 
     # --- what methods call ------------------------------------------------------------------------------------
@@ -205,12 +209,16 @@ class Trainer:
         """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
         state = checkpoint.load_training_state(self.checkpoint_path)
         if state is None:
+            others = [p.name for p in self.checkpoint_path.parent.glob("*.pt") if p != self.checkpoint_path]
+            kept = f" ({len(others)} of other settings kept in {self.checkpoint_path.parent}/)" if others else ""
+            self.log(f"[{self.cfg.name}] no checkpoint of these settings; starting afresh{kept}")
             return False
         if state.get("fingerprint") != self.cfg.train_fingerprint():
             self.log(f"[{self.cfg.name}] {self.checkpoint_path} is from other settings; starting afresh")
             return False
         self.load_state_dict(state)
-        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.epochs} from {self.checkpoint_path}")
+        done = " (finished: publishing it)" if self.epoch >= self.epochs or self.stop_reason else ""
+        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.epochs} from {self.checkpoint_path}{done}")
         return True
 
     def fit(self, resume: bool = True) -> list[dict]:
@@ -291,7 +299,8 @@ class Trainer:
         a = self._acc
         if not bool(a["finite"]):
             kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"
-                    if self.epoch else "no epoch had completed, so nothing was saved")
+                    if self.epoch else f"no epoch of these settings had completed (the checkpoints of other "
+                                       f"settings in {self.checkpoint_path.parent}/ are untouched)")
             raise UserError(f"{self.cfg.name}: the loss became NaN/inf at epoch {epoch + 1}, optimizer step "
                             f"{int(a['first_bad'])}/{self._steps} of that epoch; {kept}: lower training.lr (or check "
                             "the data) and rerun")

@@ -14,6 +14,7 @@ def load_params():
     files = ["params.yaml", *map(str, workflow.overwrite_configfiles)]
     try:
         params = Params.load(",".join(files))
+        params.require_runs()
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)

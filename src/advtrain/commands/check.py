@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from ..config import Params
 from ..console import log
+from ..io import write_text
 
 
-def run(params: Params) -> None:
-    for m, d in params.runs:
-        params.resolve(m, d)
+def run(params: Params, out: str | None = None) -> None:
+    params.require_runs()  # every run was resolved (and refused in one line if it could not run) when loading
     log(f"{params.path}: valid; runs: " + (", ".join(f"{m}_{d}" for m, d in params.runs) or "none"))
+    if out:  # a marker whose content never changes, so that stages depending on it rerun only for their own reasons
+        write_text(out, "params valid\n")

@@ -12,9 +12,8 @@ from ..tracking import Tracker
 
 
 def run(params: Params, out: str) -> None:
+    params.require_runs()
     runs = params.runs
-    if not runs:
-        raise UserError(f"{params.path}: `runs` is empty: list the (method, dataset) pairs the report should compare")
     missing = [str(result_path(m, d)) for m, d in runs if not result_path(m, d).exists()]
     if missing:
         raise UserError(f"missing results: {', '.join(missing)}: run `snakemake --cores 2 reports/report.html` "

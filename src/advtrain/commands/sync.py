@@ -8,7 +8,7 @@ from ..config import Params
 from ..console import log
 from ..errors import UserError
 from ..paths import result_path, train_metrics_path
-from ..tracking import Tracker, log_result, tracking_uri
+from ..tracking import Tracker, log_result, run_title, tracking_uri
 
 
 def run(params: Params, method: str, dataset: str) -> None:
@@ -20,13 +20,13 @@ def run(params: Params, method: str, dataset: str) -> None:
     metrics = json.loads(mpath.read_text())
     tracker = Tracker(cfg.experiment, log=log)
     key = metrics.get("mlflow_run_key")
-    if not tracker.open_run(cfg.name, key, tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model}):
+    if not tracker.open_run(run_title(cfg.name, key or ""), key, tags={"method": cfg.method, "dataset": cfg.dataset,
+                                                                      "model": cfg.model, "run": cfg.name}):
         raise UserError(f"MLflow store {tracking_uri()} is still unreachable: set MLFLOW_TRACKING_URI to a reachable "
                         "one and rerun `advtrain sync`")
     tracker.log_params(metrics["params"])
     tracker.log_epochs(metrics["epochs"])
-    if not tracker.logged_steps("train_total_epochs"):
-        tracker.log_totals(metrics["totals"], len(metrics["epochs"]))
+    tracker.log_totals(metrics["totals"], len(metrics["epochs"]))
     tracker.log_artifacts([mpath])
     tracker.finish()
     rpath = result_path(method, dataset)

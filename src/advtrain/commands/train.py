@@ -9,7 +9,9 @@ from ..config import Params, RunConfig
 from ..console import log
 from ..io import write_json
 from ..methods import METHODS
-from ..paths import checkpoint_path, model_path, prepared_dir, teacher_metrics_path, teacher_path, train_metrics_path
+from ..locking import exclusive
+from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,
+                     train_metrics_path)
 from ..prepared import load_split
 from ..provenance import versions
 from ..tracking import TrainingTracker, tracking_uri
@@ -17,9 +19,15 @@ from ..trainer import Trainer
 
 
 def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
+    with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
+        _fit(cfg, out_model, out_metrics, restart, kind, teacher)
+
+
+def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher) -> None:
     images, labels, meta = load_split(prepared_dir(cfg.dataset), "train")
     tracker = TrainingTracker(cfg.experiment, log=log)
-    trainer = Trainer(cfg, images, labels, checkpoint_path(cfg.name), callbacks=[tracker], log=log, teacher=teacher)
+    ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
+    trainer = Trainer(cfg, images, labels, ckpt, callbacks=[tracker], log=log, teacher=teacher)
     try:
         history = trainer.fit(resume=not restart)
     except BaseException as e:

@@ -17,7 +17,8 @@ class Method:
     params: ClassVar[dict[str, Any]] = {}  # setting -> config check (see config.py); validated on load
     defaults: ClassVar[dict[str, Any]] = {}
 
-    holdout: int = 0  # training images the trainer keeps aside for this method's end-of-epoch check
+    holdout: int = 0  # training images the trainer keeps aside for this method's end-of-epoch check (held_out)
+    held_out_key: ClassVar[str] = ""  # the setting that says how many, for messages
     # A method that learns from a teacher trained on clean data: the `pretrain` stage trains that teacher first
     # (teacher_recipe says how), and the trainer hands it over (attach_teacher).
     needs_teacher: ClassVar[bool] = False
@@ -27,6 +28,12 @@ class Method:
         self.p = cfg.method_params
         self.eps = cfg.eps
         self.alpha = self.p.get("alpha") or cfg.alpha
+        self.holdout = self.held_out(self.p)
+
+    @classmethod
+    def held_out(cls, params: dict) -> int:
+        """How many training images this method keeps out of training for its own check, from its settings."""
+        return params[cls.held_out_key] if cls.held_out_key else 0
 
     @classmethod
     def teacher_recipe(cls, params: dict) -> dict:

@@ -25,10 +25,10 @@ class DYNAT(Method):
     defaults = {"steps": 10, "alpha": None, "teacher_model": None, "teacher_epochs": 0, "teacher_update": "concurrent",
                 "check_points": 512}
     needs_teacher = True
+    held_out_key = "check_points"  # held-out training images for the teacher's clean accuracy
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.holdout = self.p["check_points"]  # held-out training images for the teacher's clean accuracy
         self.teacher = None
 
     @classmethod

@@ -16,6 +16,7 @@ from .base import Method
 
 class FGSM(Method):
     name = "fgsm"
+    held_out_key = "check_points"
     params = {"step": number(0, lo_open=True), "attack_mode": choice("eval", "train"), "check_points": integer(0),
               "check_steps": integer(1), "drop": number(0, 1, lo_open=True), "on_overfit": choice("stop", "rollback", "off")}
     defaults = {"step": 1.25, "attack_mode": "train", "check_points": 512, "check_steps": 10, "drop": 0.2,
@@ -23,7 +24,6 @@ class FGSM(Method):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.holdout = self.p["check_points"]
         self.best_acc, self.best_epoch, self.best = None, 0, None
         self.events = 0
 

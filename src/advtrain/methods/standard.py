@@ -11,12 +11,9 @@ from .base import Method
 
 class Standard(Method):
     name = "standard"
+    held_out_key = "holdout"
     params = {"holdout": integer(0)}
     defaults = {"holdout": 0}
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.holdout = self.p["holdout"]
 
     def step(self, trainer, x, y):
         logits, loss = trainer.update(x, lambda logits: F.cross_entropy(logits, y))

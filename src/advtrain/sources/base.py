@@ -6,9 +6,12 @@ both splits as uint8 tensors; `advtrain prepare` (prepared.py) validates them an
 Adding a dataset = one new file here + one line in SOURCES (sources/__init__.py)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -29,12 +32,26 @@ class Fetched:
     provenance: dict[str, Any] = field(default_factory=dict)  # where it came from and the checksums verified
 
 
+@contextlib.contextmanager
+def network_timeout() -> Iterator[float]:
+    """Downloads give up after $ADVTRAIN_DOWNLOAD_TIMEOUT seconds (default 60) without an answer, instead of hanging on
+    a network that accepts connections but never replies."""
+    seconds = float(os.environ.get("ADVTRAIN_DOWNLOAD_TIMEOUT", 60))
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield seconds
+    finally:
+        socket.setdefaulttimeout(old)
+
+
 class Source:
     name: ClassVar[str]
     shape: ClassVar[tuple[int, int, int]]  # (C, H, W)
     num_classes: ClassVar[int]
     mean: ClassVar[tuple[float, ...]]
     std: ClassVar[tuple[float, ...]]
+    sizes: ClassVar[dict[str, int] | None] = None  # {"train": N, "test": M} when known before fetching
     params: ClassVar[dict[str, Check]] = {}  # the source's own settings (datasets.<name>.source), validated on load
     defaults: ClassVar[dict[str, Any]] = {}
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .base import Fetched, Source, Split
+from .base import Fetched, Source, Split, network_timeout
 
 
 class CIFAR10(Source):
     name = "cifar10"
     shape = (3, 32, 32)
     num_classes = 10
+    sizes = {"train": 50000, "test": 10000}
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2471, 0.2435, 0.2616)
 
@@ -28,11 +29,20 @@ class CIFAR10(Source):
         return Torchvision
 
     def fetch(self, raw_dir: Path) -> Fetched:
+        from torchvision.datasets.utils import check_integrity
+
         cls = self.torchvision_dataset()
+        archive = raw_dir / cls.filename
+        if archive.exists() and not check_integrity(str(archive), cls.tgz_md5):
+            raise UserError(f"{archive}: corrupt or truncated (its md5 is not the published {cls.tgz_md5}): delete it "
+                            "to download again, or put a good copy there")
+        if not archive.exists() and not (raw_dir / cls.base_folder).exists():
+            print(f"[prepare] downloading {cls.url} into {raw_dir}", flush=True)
         splits, classes = {}, []
         for train in (True, False):
             try:
-                ds = cls(str(raw_dir), train=train, download=True)
+                with network_timeout():
+                    ds = cls(str(raw_dir), train=train, download=True)
             except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" / "File not found or corrupted"
                 raise UserError(f"{self.name}: {e} (archive in {raw_dir}); delete {raw_dir / cls.base_folder} and the "
                                 "archive beside it to download again") from None

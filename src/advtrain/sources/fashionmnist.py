@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .base import Fetched, Source, Split
+from .base import Fetched, Source, Split, network_timeout
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -53,6 +53,7 @@ class FashionMNIST(Source):
     name = "fashionmnist"
     shape = (1, 28, 28)
     num_classes = 10
+    sizes = {"train": 60000, "test": 10000}
     mean = (0.2860,)
     std = (0.3530,)
 
@@ -65,7 +66,8 @@ class FashionMNIST(Source):
 
         print(f"[prepare] {system} not found; downloading Fashion-MNIST with torchvision into {raw_dir}", flush=True)
         try:
-            TorchvisionFashionMNIST(str(raw_dir), download=True)  # verifies torchvision's md5 of every archive
+            with network_timeout():
+                TorchvisionFashionMNIST(str(raw_dir), download=True)  # verifies torchvision's md5 of every archive
         except Exception as e:  # network errors come in many types
             raise UserError(f"Fashion-MNIST download failed ({e}); on Debian install the offline copy: "
                             "apt-get install dataset-fashion-mnist") from None

@@ -1,0 +1,31 @@
+"""One writer per run: a second `advtrain train` (or `evaluate`) of the same run is refused while the first runs,
+instead of both writing the same files and the last one winning."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (an advisory flock, released when the process ends, even by SIGKILL)."""
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(f"another advtrain process (pid {holder}) is {what}: wait for it to finish, or stop it "
+                            f"(the lock is {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
