@@ -1,18 +1,21 @@
-# Two commands for a fresh machine (Debian, Python >= 3.10, 2 cores, no GPU needed):
+# Two commands for a fresh machine (Debian, Python >= 3.11, 2 cores, no GPU needed):
 #   make demo   set up, then train every method of params.yaml on Fashion-MNIST, evaluate with AutoAttack, report
-#   make test   set up (with Chromium for the report test), then run the test suite
+#   make test   set up (with Chromium and a SLURM single-node cluster's packages), then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CORES ?= 2
 
-.PHONY: demo test setup data browser clean
+.PHONY: demo test setup data browser slurm clean
 
 $(BIN)/advtrain: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check uv
-	# uv resolves and downloads in parallel (~1 min); plain pip is the fallback (~5 min).
-	$(BIN)/uv pip install --python $(PY) -q -e '.[test]' || $(BIN)/pip install -q -e '.[test]'
+	# uv resolves and downloads in parallel (~1 min); plain pip is the fallback (~5 min). --compile-bytecode writes
+	# the .pyc files once here: uv does not by default, and where PYTHONDONTWRITEBYTECODE is set (as on this
+	# project's machines) every later process would otherwise compile torch, mlflow and snakemake from source,
+	# ~16 s per `advtrain` process (docs/benchmarks.md).
+	$(BIN)/uv pip install --python $(PY) -q --compile-bytecode -e '.[test,slurm]' || $(BIN)/pip install -q -e '.[test,slurm]'
 	touch $@
 
 setup: $(BIN)/advtrain data
@@ -33,10 +36,15 @@ data:
 browser:
 	$(call apt_install,chromium chromium-driver,/usr/bin/chromedriver)
 
+# Debian's SLURM 22.05 and munge, for the test that runs the workflow on a real single-node cluster (the test
+# starts and stops the daemons itself, as root, everything in a temporary folder; no systemd needed).
+slurm:
+	$(call apt_install,slurmctld slurmd slurm-client munge,/usr/sbin/slurmd)
+
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --printshellcmds
 
-test: setup browser
+test: setup browser slurm
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 clean:

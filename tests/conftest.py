@@ -30,8 +30,10 @@ def env() -> dict:
     return e
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    p = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 900,
+        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(args, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p

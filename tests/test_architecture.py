@@ -85,7 +85,7 @@ def test_leaves_import_nothing_of_the_package_but_leaves():
         if node.startswith(("advtrain.methods", "advtrain.models", "advtrain.sources")):
             assert "advtrain.config" not in deps, node
     assert graph["advtrain.cli"] <= {f"advtrain.commands.{c}" for c in
-                                     ("check", "evaluate", "prepare", "report", "sync", "train")} | {
+                                     ("aggregate", "check", "evaluate", "prepare", "report", "sync", "train")} | {
         "advtrain.commands", "advtrain.config", "advtrain.console", "advtrain.errors"}
 
 
@@ -101,8 +101,8 @@ def test_the_word_of_a_teacher_method_lives_only_in_its_file():
 def test_snakefile_and_dvc_yaml_spell_the_paths_of_paths_py(tmp_path):
     """dvc.yaml is static YAML: each of its paths must be a paths.py pattern with DVC's ${item...} in the fields."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    patterns = {paths.MODEL, paths.TEACHER, paths.TRAIN_METRICS, paths.TEACHER_METRICS, paths.RESULT, paths.PREPARED,
-                paths.LOG}
+    patterns = {paths.MODEL, paths.TEACHER, paths.TRAIN_METRICS, paths.TEACHER_METRICS, paths.SEED_RESULT, paths.RESULT,
+                paths.PREPARED, paths.LOG}
     as_dvc = lambda s: re.sub(r"\$\{item(?:\.(\w+))?\}", lambda m: "{" + (m.group(1) or "dataset") + "}", s)  # noqa
 
     seen = set()
@@ -112,17 +112,18 @@ def test_snakefile_and_dvc_yaml_spell_the_paths_of_paths_py(tmp_path):
             for entry in body.get(key, []):
                 path = as_dvc(next(iter(entry)) if isinstance(entry, dict) else entry)
                 if "{" in path:
-                    assert path in patterns, (name, path)
+                    assert path in patterns | {str(Path(paths.SEED_RESULT).parent)}, (name, path)
                     seen.add(path)
         log = re.search(r"--log (\S+)", body["cmd"])
         assert log, name
         assert re.fullmatch(r"logs/(\w+)/(.+)\.log", as_dvc(log.group(1))), body["cmd"]
-    assert seen == patterns - {paths.LOG}
+    assert seen - {str(Path(paths.SEED_RESULT).parent)} == patterns - {paths.LOG}
     # the Snakefile builds its rules from paths.py: its planned outputs are those paths
     proj = make_project(tmp_path / "p")
     out = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--printshellcmds"], proj).stdout
-    for path in (paths.model_path("pgd", "fashionmnist"), paths.teacher_path("dynat", "fashionmnist"),
-                 paths.result_path("dynat", "fashionmnist"), paths.log_path("train", "pgd_fashionmnist")):
+    for path in (paths.model_path("pgd", "fashionmnist", 1), paths.teacher_path("dynat", "fashionmnist", 0),
+                 paths.seed_result_path("dynat", "fashionmnist", 1), paths.result_path("dynat", "fashionmnist"),
+                 paths.log_path("train", "pgd_fashionmnist_seed0")):
         assert str(path) in out, path
 
 
@@ -136,7 +137,7 @@ def test_a_data_source_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
     params["runs"] = {"datasets": ["toy"], "methods": ["pgd"], "teacher_methods": []}
     params["datasets"]["toy"] = {
         "source": {"name": "toy", "n": 600}, "model": "small_cnn", "eps": 0.1, "alpha": 0.025,
-        "training": {"epochs": 2, "batch_size": 50, "lr": 0.05},
+        "training": {"epochs": 2, "batch_size": 50, "lr": 0.05, "val_points": 100, "val_pgd_steps": 2},
         "evaluation": {"n_points": 50, "autoattack": "fast", "pgd_steps": 5, "cw_steps": 5}}
     params["methods"]["pgd"]["toy"] = {"steps": 2}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -144,6 +145,6 @@ def test_a_data_source_is_one_file_and_one_registry_line(tmp_path, monkeypatch):
         assert cli.main(argv) == 0, argv
     meta = json.loads((tmp_path / "data/prepared/toy/meta.json").read_text())
     assert meta["n_train"] == 600 and meta["classes"] == Toy.classes and meta["source"]["how"] == "generated"
-    result = json.loads((tmp_path / paths.result_path("pgd", "toy")).read_text())
+    result = json.loads((tmp_path / paths.seed_result_path("pgd", "toy", 0)).read_text())
     assert result["class_names"] == Toy.classes and result["n_points"] == 50
     assert result["clean_acc"] > 0.9 and result["robust_acc"] > 0.5  # eps 0.1 cannot move a bright bar

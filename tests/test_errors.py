@@ -53,12 +53,13 @@ def test_invalid_parameter_and_unknown_method(prepared, tmp_path):
     params["training"]["lr"] = 0.1
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     _one_clear_line(_cli(proj, "train", "madry", "fashionmnist"), "unknown method 'madry'", "known:")
-    _one_clear_line(_cli(proj, "evaluate", "pgd", "fashionmnist"), "models/pgd_fashionmnist.pt", "train it first")
+    _one_clear_line(_cli(proj, "evaluate", "pgd", "fashionmnist"), "models/pgd_fashionmnist_seed0.pt", "train it first")
 
 
 def test_evaluation_refuses_a_teacher_only_checkpoint(prepared, tmp_path):
     proj = tmp_path / "p"
     shutil.copytree(prepared, proj)
     run([str(BIN / "advtrain"), "pretrain", "dynat", "fashionmnist"], proj)
-    (proj / "models/dynat_fashionmnist.pt").write_bytes((proj / "models/teachers/dynat_fashionmnist.pt").read_bytes())
+    teacher = (proj / "models/teachers/dynat_fashionmnist_seed0.pt").read_bytes()
+    (proj / "models/dynat_fashionmnist_seed0.pt").write_bytes(teacher)
     _one_clear_line(_cli(proj, "evaluate", "dynat", "fashionmnist"), "holds a teacher, not a trained model")

@@ -16,19 +16,21 @@ from advtrain.config import Params
 from conftest import BIN, env, make_project, run
 
 OVERRIDES = {
-    "runs": {"methods": ["pgd"], "teacher_methods": []},
+    "runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
     "datasets": {"fashionmnist": {
-        "training": {"epochs": 3, "batch_size": 100, "train_subset": 1000},  # 10 batches per epoch
+        # 10 batches per epoch (no validation split)
+        "training": {"epochs": 3, "batch_size": 100, "train_subset": 1000, "val_points": 0, "select": "last"},
         "evaluation": {"n_points": 100, "batch_size": 20, "pgd_steps": 5, "cw_steps": 5, "autoattack": "fast"}}},
     "methods": {"pgd": {"fashionmnist": {"steps": 2}}},
 }
-MODEL, METRICS, RESULT = "models/pgd_fashionmnist.pt", "metrics/train/pgd_fashionmnist.json", "results/pgd_fashionmnist.json"
+MODEL, METRICS = "models/pgd_fashionmnist_seed0.pt", "metrics/train/pgd_fashionmnist_seed0.json"
+RESULT = "results/seeds/pgd_fashionmnist/seed0.json"
 
 
 
 def checkpoint(proj) -> Path:
     """The training checkpoint of the run's settings: one slot per fingerprint in checkpoints/pgd_fashionmnist/."""
-    return proj / paths.checkpoint_path("pgd_fashionmnist", fingerprint(proj))
+    return proj / paths.checkpoint_path("pgd_fashionmnist_seed0", fingerprint(proj))
 
 
 def fingerprint(proj) -> str:
@@ -57,7 +59,7 @@ def weights(proj):
     return torch.load(proj / MODEL, weights_only=True)["model"]
 
 
-def epochs_in_mlflow(proj, name="pgd_fashionmnist"):
+def epochs_in_mlflow(proj, name="pgd_fashionmnist_seed0"):
     client = MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
     runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run") == name]
@@ -99,10 +101,10 @@ def assert_same_training(proj, reference):
 
 # Each sequence: the same command killed again and again, each time at another point (counts are per process), then
 # run to the end; the result must be the uninterrupted run's. 10 batches per epoch; {ckpt} is the checkpoint's file
-# (written at the start and after every epoch), pgd_fashionmnist.pt the model file.
+# (written at the start and after every epoch), pgd_fashionmnist_seed0.pt the model file.
 TRAINING_KILLS = {
     "in epoch 1 (before any epoch completed), after epoch 2's checkpoint before its logging, while publishing the "
-    "model file": [("train.batch:5", 0), ("train.epoch_end:2", 2), ("write@pgd_fashionmnist.pt:1", 3)],
+    "model file": [("train.batch:5", 0), ("train.epoch_end:2", 2), ("write@pgd_fashionmnist_seed0.pt:1", 3)],
     "in epoch 2, while publishing epoch 3's checkpoint": [("train.batch:15", 1), ("write@{ckpt}:2", 2)],
 }
 
@@ -178,7 +180,7 @@ def test_a_truncated_dataset_file_is_refused_then_prepare_mends_it(base, referen
 def test_a_model_file_from_another_method_or_truncated_gives_one_line(base, tmp_path):
     proj = fresh(base, tmp_path)
     assert advtrain(proj, "train", "pgd", "fashionmnist").returncode == 0
-    shutil.copy(proj / MODEL, proj / "models/fgsm_fashionmnist.pt")
+    shutil.copy(proj / MODEL, proj / "models/fgsm_fashionmnist_seed0.pt")
     p = advtrain(proj, "evaluate", "fgsm", "fashionmnist")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "was trained with method='pgd', but 'fgsm' is expected" in p.stderr
@@ -199,7 +201,7 @@ def trained(base, tmp_path_factory):
 # 100 points, about 55 classified correctly, in batches of 20: 3 batches each of PGD, CW, APGD-CE, then APGD-T.
 # Killed in PGD; then (resumed) in APGD-CE; then while publishing the result; then run to the end.
 EVAL_KILLS = [("evaluate.batch:2", "pgd-5 #1: batch 2/"), ("evaluate.batch:5", "] apgd-"),
-              ("write@pgd_fashionmnist.json:1", "robust accuracy after apgd-t")]
+              ("write@seed0.json:1", "robust accuracy after apgd-t")]
 
 
 def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_result(trained, reference, tmp_path):
@@ -209,14 +211,14 @@ def test_evaluation_killed_then_rerun_finishes_from_its_state_with_the_same_resu
         p = advtrain(proj, "evaluate", "pgd", "fashionmnist", fault=fault)
         assert p.returncode == -9, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
         assert last_line in p.stdout.strip().splitlines()[-2], p.stdout[-1000:]  # killed where intended
-        assert ("resuming from checkpoints/eval/pgd_fashionmnist/" in p.stdout) == (i > 0)
+        assert ("resuming from checkpoints/eval/pgd_fashionmnist_seed0/" in p.stdout) == (i > 0)
         assert not (proj / RESULT).exists()
     p = advtrain(proj, "evaluate", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-2000:]
     # killed while publishing: the finished evaluation was kept, and is published without attacking again
     assert "evaluated with these settings before: publishing that result" in p.stdout
     assert untimed(json.loads((proj / RESULT).read_text())) == reference["result"]
-    assert not list((proj / "checkpoints/eval/pgd_fashionmnist").glob("*.pt"))  # the state goes once it finished
+    assert not list((proj / "checkpoints/eval/pgd_fashionmnist_seed0").glob("*.pt"))  # the state goes once finished
 
 
 def test_an_unreachable_tracking_store_warns_once_and_the_run_is_synced_later(base, reference, tmp_path):

@@ -30,7 +30,7 @@ from conftest import BIN, ROOT, env, make_project, run
 from test_params_property import PATHS, values
 
 OVERRIDES = {
-    "runs": {"methods": ["pgd"], "teacher_methods": ["dynat"]},
+    "runs": {"methods": ["pgd"], "teacher_methods": ["dynat"], "seeds": [0]},
     "datasets": {"fashionmnist": {"training": {"epochs": 2, "train_subset": 1000},
                                   "evaluation": {"n_points": 50, "pgd_steps": 3, "cw_steps": 0}}},
     "methods": {"pgd": {"fashionmnist": {"steps": 2, "evaluation": {"autoattack": "off"}}},
@@ -74,12 +74,13 @@ def finished(tmp_path_factory) -> Path:
 
 def test_a_no_op_rerun_of_every_stage_changes_no_byte_and_dvc_stays_clean(finished, monkeypatch, capsys):
     before = digests(finished)
-    assert len(before) >= 12 and "models/teachers/dynat_fashionmnist.pt" in before
+    assert len(before) >= 12 and "models/teachers/dynat_fashionmnist_seed0.pt" in before
     monkeypatch.chdir(finished)  # the stages run in this process: the same code as the command, without start-up
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as the commands ran: the project's mlruns.db
     for stage in (["prepare", "fashionmnist"], ["pretrain", "dynat", "fashionmnist"], ["train", "pgd", "fashionmnist"],
                   ["train", "dynat", "fashionmnist"], ["evaluate", "pgd", "fashionmnist"],
-                  ["evaluate", "dynat", "fashionmnist"], ["report"]):
+                  ["evaluate", "dynat", "fashionmnist"], ["aggregate", "pgd", "fashionmnist"],
+                  ["aggregate", "dynat", "fashionmnist"], ["report"]):
         assert cli.main(stage) == 0, (stage, capsys.readouterr())
         assert not trained(capsys.readouterr().out), stage  # republished, not retrained
     assert digests(finished) == before
@@ -141,19 +142,19 @@ def test_a_failing_value_then_its_revert_republishes_the_finished_work(finished)
         (finished / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
         p = tool(finished, *front_end)
         assert p.returncode != 0 and "NaN/inf at epoch 1" in p.stdout + p.stderr, (front_end, p.stdout[-2000:])
-        assert "other settings in checkpoints/pgd_fashionmnist/ are untouched" in p.stdout + p.stderr
+        assert "other settings in checkpoints/pgd_fashionmnist_seed0/ are untouched" in p.stdout + p.stderr
         (finished / "params.yaml").write_text(valid_text)
         p = tool(finished, *front_end)
         assert p.returncode == 0, (front_end, p.stderr[-3000:])
-        log = (finished / "logs/train/pgd_fashionmnist.log").read_text()
+        log = (finished / "logs/train/pgd_fashionmnist_seed0.log").read_text()
         # re-published from its checkpoint; or, under DVC, from DVC's own run cache
         assert (not trained(log) and "(finished: publishing it)" in log) or \
-            "Stage 'train@pgd-fashionmnist' is cached" in p.stdout, (front_end, log, p.stdout)
+            "Stage 'train@pgd-fashionmnist-0' is cached" in p.stdout, (front_end, log, p.stdout)
         assert digests(finished) == before, front_end
     # MLflow: one run per distinct training configuration, told apart by name; the good one logged its totals once
     client = MlflowClient(f"sqlite:///{finished / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
-    pgd = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run") == "pgd_fashionmnist"]
+    pgd = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("run") == "pgd_fashionmnist_seed0"]
     assert len(pgd) == 2 and len({r.info.run_name for r in pgd}) == 2, [r.info.run_name for r in pgd]
     good = next(r for r in pgd if r.info.status == "FINISHED")
     assert len(client.get_metric_history(good.info.run_id, "train_total_epochs")) == 1
@@ -180,12 +181,12 @@ def test_dvc_experiments_show_and_diff_the_robust_accuracy(finished):
 # --- the smaller ones, each seen by hand ----------------------------------------------------------------------------
 
 def test_snakemake_interrupted_with_ctrl_c_resumes_with_the_same_command(tmp_path):
-    proj = make_project(tmp_path / "p", {"runs": {"methods": ["pgd"], "teacher_methods": []},
+    proj = make_project(tmp_path / "p", {"runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
                                          "datasets": {"fashionmnist": {"training": {"epochs": 4}}}})
     run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
-    cmd = [str(BIN / "snakemake"), "--cores", "1", "models/pgd_fashionmnist.pt"]
+    cmd = [str(BIN / "snakemake"), "--cores", "1", "models/pgd_fashionmnist_seed0.pt"]
     proc = subprocess.Popen(cmd, cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = proj / "logs/train/pgd_fashionmnist.log"
+    log = proj / "logs/train/pgd_fashionmnist_seed0.log"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and "epoch 2/4" in log.read_text()):
         time.sleep(0.2)
@@ -194,7 +195,7 @@ def test_snakemake_interrupted_with_ctrl_c_resumes_with_the_same_command(tmp_pat
     assert proc.returncode != 0, out[-2000:]
     p = run(cmd, proj)  # the same command, no --rerun-incomplete needed
     assert "resuming after epoch" in p.stdout + p.stderr or "epoch 4/4" in log.read_text()
-    assert (proj / "models/pgd_fashionmnist.pt").exists()
+    assert (proj / "models/pgd_fashionmnist_seed0.pt").exists()
 
 
 def _check(tmp_path, capsys, *argv) -> tuple[int, str]:
@@ -276,12 +277,12 @@ def test_outputs_are_created_with_the_users_umask(tmp_path):
 
 
 def test_a_second_trainer_of_the_same_run_is_refused(tmp_path):
-    proj = make_project(tmp_path / "p", {"runs": {"methods": ["pgd"], "teacher_methods": []},
+    proj = make_project(tmp_path / "p", {"runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
                                          "datasets": {"fashionmnist": {"training": {"epochs": 3}}}})
     run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
     first = subprocess.Popen([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], cwd=proj, env=env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lock = proj / "checkpoints/pgd_fashionmnist/.lock"
+    lock = proj / "checkpoints/pgd_fashionmnist_seed0/.lock"
     deadline = time.time() + 120
     while time.time() < deadline and not (lock.exists() and lock.read_text().strip() == str(first.pid)):
         time.sleep(0.1)
@@ -289,20 +290,20 @@ def test_a_second_trainer_of_the_same_run_is_refused(tmp_path):
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-2000:]
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
-    assert f"another advtrain process (pid {first.pid}) is training or evaluating pgd_fashionmnist" in second.stderr
+    assert f"another advtrain process (pid {first.pid}) is training or evaluating pgd_fashionmnist_seed0" in second.stderr
 
 
 def test_the_fix_hints_name_commands_that_do_only_that(finished, tmp_path):
     proj = tmp_path / "p"
     shutil.copytree(finished, proj)
-    model = proj / "models/pgd_fashionmnist.pt"
+    model = proj / "models/pgd_fashionmnist_seed0.pt"
     model.write_bytes(model.read_bytes()[:100])
     err = tool(proj, "advtrain", "evaluate", "pgd", "fashionmnist").stderr
     hint = re.search(r"`(snakemake [^`]+)`", err).group(1)
-    assert hint == "snakemake --cores 1 --force models/pgd_fashionmnist.pt", err
+    assert hint == "snakemake --cores 1 --force models/pgd_fashionmnist_seed0.pt", err
     plan = tool(proj, *hint.split()[:1], "-n", *hint.split()[1:]).stdout
     assert re.search(r"^train\s+1$", plan, re.M) and not re.search(r"^(evaluate|report|prepare)\s", plan, re.M), plan
-    teacher = proj / "models/teachers/dynat_fashionmnist.pt"
+    teacher = proj / "models/teachers/dynat_fashionmnist_seed0.pt"
     teacher.write_bytes(teacher.read_bytes()[:100])
     err = tool(proj, "advtrain", "train", "dynat", "fashionmnist").stderr
-    assert "pretrain it again (`snakemake --cores 1 --force models/teachers/dynat_fashionmnist.pt`" in err, err
+    assert "pretrain it again (`snakemake --cores 1 --force models/teachers/dynat_fashionmnist_seed0.pt`" in err, err

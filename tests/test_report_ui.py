@@ -109,17 +109,17 @@ def test_mlflow_server_serves_the_runs_metrics_over_rest(snakemake_project):
         wait_for(f"http://127.0.0.1:{port}/health", proc)
         exp = http("GET", f"{api}/experiments/get-by-name?experiment_name=advtrain")["experiment"]
         runs = http("POST", f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
-                                                   "filter": "tags.run = 'pgd_fashionmnist'"})["runs"]
+                                                   "filter": "tags.run = 'pgd_fashionmnist_seed0'"})["runs"]
         assert len(runs) == 1
         run_id = runs[0]["info"]["run_id"]
         history = http("GET", f"{api}/metrics/get-history?run_id={run_id}&metric_key=train_loss")["metrics"]
-        local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist.json").read_text())
+        local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist_seed0.json").read_text())
         assert sorted((m["step"], m["value"]) for m in history) == [(e["epoch"], e["loss"]) for e in local["epochs"]]
         for key in ("train_grad_l1", "train_attack_steps", "train_seconds"):
             h = http("GET", f"{api}/metrics/get-history?run_id={run_id}&metric_key={key}")["metrics"]
             assert [m["step"] for m in sorted(h, key=lambda m: m["step"])] == [1, 2], key
         metrics = {m["key"]: m["value"] for m in http("GET", f"{api}/runs/get?run_id={run_id}")["run"]["data"]["metrics"]}
-        result = json.loads((snakemake_project / "results/pgd_fashionmnist.json").read_text())
+        result = json.loads((snakemake_project / "results/seeds/pgd_fashionmnist/seed0.json").read_text())
         assert metrics["eval_autoattack_acc"] == result["autoattack"]["robust_acc"]
         assert metrics["eval_robust_acc"] == result["robust_acc"] and metrics["eval_cw_acc"] == result["cw"]["acc"]
         for attack, acc in result["autoattack"]["robust_acc_after"].items():

@@ -29,10 +29,11 @@ def test_snakemake_end_to_end(snakemake_project):
     # PGD-AT really is more robust than standard training, on the same data and budget
     assert results["pgd"]["robust_acc"] > results["standard"]["robust_acc"] + 0.10, results
     assert results["standard"]["clean_acc"] > 0.5
-    metrics = json.loads((proj / "metrics/train/pgd_fashionmnist.json").read_text())
+    metrics = json.loads((proj / "metrics/train/pgd_fashionmnist_seed0.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     e = metrics["epochs"][0]
-    assert e["attack_steps"] == 3 and e["passes"] == 30 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
+    # 3000 images, the last 300 held out for validation: 27 batches of 100, PGD-3 costs 3 + 1 passes each
+    assert e["attack_steps"] == 3 and e["passes"] == 27 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
     assert "<table>" in html and "CHECK FAILED" not in html
     for fig in ("curves", "dynat_labels", "autoattack_stages", "examples", "time"):
@@ -41,47 +42,74 @@ def test_snakemake_end_to_end(snakemake_project):
     assert "| pgd | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
 
 
+def test_two_seeds_give_means_stds_and_intervals(snakemake_project):
+    """runs.seeds: [0, 1]: every (method, dataset) trained and evaluated once per seed; results/METHOD_DATASET.json
+    is the first seed's record plus the summary over seeds; the report shows mean ± std [95% interval]."""
+    proj = snakemake_project
+    r = json.loads((proj / "results/pgd_fashionmnist.json").read_text())
+    per_seed = [json.loads((proj / f"results/seeds/pgd_fashionmnist/seed{s}.json").read_text()) for s in (0, 1)]
+    assert r["seeds"]["seeds"] == [0, 1] and [p["seed"] for p in per_seed] == [0, 1]
+    assert r["robust_acc"] == per_seed[0]["robust_acc"]  # the first seed's record, unchanged
+    assert per_seed[0]["robust_acc"] != per_seed[1]["robust_acc"] or per_seed[0]["clean_acc"] != per_seed[1]["clean_acc"]
+    s = r["seeds"]["summary"]["robust_acc"]
+    values = [p["robust_acc"] for p in per_seed]
+    assert s["values"] == values and abs(s["mean"] - sum(values) / 2) < 1e-12
+    assert abs(s["std"] - abs(values[0] - values[1]) / 2 ** 0.5) < 1e-12  # sample std of two values
+    assert s["ci95"][0] < s["mean"] < s["ci95"][1]
+    # the model file holds the epoch of best validation robust accuracy on held-out training images
+    sel = per_seed[0]["selection"]
+    assert sel["select"] == "best" and sel["val_points"] == 300 and sel["epoch"] in (1, 2)
+    curves = json.loads((proj / "metrics/train/pgd_fashionmnist_seed0.json").read_text())["epochs"]
+    assert sel["value"] == max(c["val_pgd_acc"] for c in curves)
+    md = (proj / "reports/report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| pgd | small_cnn | 100 | 2 |"))
+    assert re.search(r"\d+\.\d\d ± \d+\.\d\d \[\d+\.\d, \d+\.\d\]", row), row
+    assert "not significant at the 5% level (McNemar" in md
+
+
 def test_mlflow_holds_the_logged_metrics(snakemake_project):
     client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
     exp = client.get_experiment_by_name("advtrain")
     runs = {r.data.tags.get("run", r.info.run_name): r for r in client.search_runs([exp.experiment_id])}
-    assert set(runs) == {"standard_fashionmnist", "pgd_fashionmnist", "teacher_dynat_fashionmnist",
-                         "dynat_fashionmnist", "report"}  # one run per (method, dataset), DYNAT's teacher, the report
+    # one run per (method, dataset, seed), DYNAT's teacher per seed, the report
+    assert set(runs) == {f"{name}_fashionmnist_seed{s}" for name in ("standard", "pgd", "teacher_dynat", "dynat")
+                         for s in (0, 1)} | {"report"}
     report_files = {a.path for a in client.list_artifacts(runs["report"].info.run_id)}
     assert {"report.html", "report.md", "figures"} <= report_files
     figures = {a.path for a in client.list_artifacts(runs["report"].info.run_id, "figures")}
     assert "figures/fashionmnist_examples.png" in figures
-    run_ = runs["pgd_fashionmnist"]
-    assert run_.info.run_name.startswith("pgd_fashionmnist@")  # the run and its settings' fingerprint
+    run_ = runs["pgd_fashionmnist_seed0"]
+    assert run_.info.run_name.startswith("pgd_fashionmnist_seed0@")  # the run and its settings' fingerprint
     history = client.get_metric_history(run_.info.run_id, "train_loss")
     assert [m.step for m in history] == [1, 2]
-    local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist.json").read_text())
+    local = json.loads((snakemake_project / "metrics/train/pgd_fashionmnist_seed0.json").read_text())
     assert [m.value for m in history] == [e["loss"] for e in local["epochs"]]
     for key in ("train_grad_l1", "train_attack_steps", "train_passes", "train_seconds", "train_adv_acc"):
         assert len(client.get_metric_history(run_.info.run_id, key)) == 2, key
-    result = json.loads((snakemake_project / "results/pgd_fashionmnist.json").read_text())
+    result = json.loads((snakemake_project / "results/seeds/pgd_fashionmnist/seed0.json").read_text())
     assert run_.data.metrics["eval_autoattack_acc"] == result["autoattack"]["robust_acc"]  # evaluation, same run
     assert run_.data.metrics["eval_cw_acc"] == result["cw"]["acc"]
     assert run_.data.params["method.steps"] == "3" and run_.data.params["eps"] == "0.1"
     artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
-    assert {"pgd_fashionmnist.json"} <= artifacts
+    assert {"pgd_fashionmnist_seed0.json"} <= artifacts
 
 
 def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "teacher_methods": []},
+    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
                                             "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
     first = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage 'prepare@fashionmnist'" in first and "Running stage 'report'" in first
-    model_before = (proj / "models/pgd_fashionmnist.pt").read_bytes()
+    model_before = (proj / "models/pgd_fashionmnist_seed0.pt").read_bytes()
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["datasets"]["fashionmnist"]["training"]["lr"] = 0.02  # one training parameter
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", second))
     # check: params.yaml is validated first whenever it changed (its marker stays the same, so prepare does not rerun)
-    assert ran == {"check", "train@pgd-fashionmnist", "evaluate@pgd-fashionmnist", "report"}, second
+    assert ran == {"check", "train@pgd-fashionmnist-0", "evaluate@pgd-fashionmnist-0", "aggregate@pgd-fashionmnist",
+                   "report"}, second
     assert "prepare@fashionmnist" not in ran
-    assert (proj / "models/pgd_fashionmnist.pt").read_bytes() != model_before
+    assert (proj / "models/pgd_fashionmnist_seed0.pt").read_bytes() != model_before
     third = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage" not in third  # nothing changed, nothing reruns
 
@@ -97,21 +125,23 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
         # DVC's check stage stands for the Snakefile's validation when it loads (DVC has no such hook)
         dvc_cmds = {stage.cmd for stage in repo.index.stages} - {"advtrain --log logs/check/check.log check --out logs/check/params.valid"}
     assert snake_cmds == dvc_cmds, (snake_cmds, dvc_cmds)
-    assert {"advtrain prepare fashionmnist", "advtrain pretrain dynat fashionmnist", "advtrain train pgd fashionmnist",
-            "advtrain train dynat fashionmnist", "advtrain evaluate dynat fashionmnist", "advtrain report"} <= stages
+    assert {"advtrain prepare fashionmnist", "advtrain pretrain dynat fashionmnist --seed 0",
+            "advtrain train pgd fashionmnist --seed 1", "advtrain train dynat fashionmnist --seed 0",
+            "advtrain evaluate dynat fashionmnist --seed 1", "advtrain aggregate pgd fashionmnist",
+            "advtrain report"} <= stages
 
 
 def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
     proj = make_project(tmp_path / "plan")
     out = run([str(BIN / "snakemake"), "-n", "--cores", "8", "results/pgd_cifar10.json"], proj).stdout
-    for rule in ("prepare", "train", "evaluate"):
-        assert re.search(rf"^{rule}\s+1\b", out, re.M), out
+    for rule in ("prepare", "train", "evaluate", "aggregate"):
+        assert re.search(rf"^{rule}\s+\d+\b", out, re.M), out  # one job per seed of runs.seeds
 
 
 def test_dynat_end_to_end_in_the_report(snakemake_project):
     proj = snakemake_project
-    dynat = json.loads((proj / "metrics/train/dynat_fashionmnist.json").read_text())
-    teacher = json.loads((proj / "metrics/teachers/dynat_fashionmnist.json").read_text())
+    dynat = json.loads((proj / "metrics/train/dynat_fashionmnist_seed0.json").read_text())
+    teacher = json.loads((proj / "metrics/teachers/dynat_fashionmnist_seed0.json").read_text())
     assert len(teacher["epochs"]) == 1 and len(dynat["epochs"]) == 2
     for e in dynat["epochs"]:
         assert 0 <= e["label_agreement"] <= 1 and 0 <= e["teacher_acc"] <= 1
@@ -120,7 +150,7 @@ def test_dynat_end_to_end_in_the_report(snakemake_project):
 
 
 def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path):
-    proj = make_project(tmp_path / "dvc_dynat", {"runs": {"methods": ["standard"]},
+    proj = make_project(tmp_path / "dvc_dynat", {"runs": {"methods": ["standard"], "seeds": [0]},
                                                   "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
     run([str(BIN / "dvc"), "repro"], proj)
     params = yaml.safe_load((proj / "params.yaml").read_text())
@@ -128,6 +158,6 @@ def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path)
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"check", "pretrain@dynat-fashionmnist", "train_with_teacher@dynat-fashionmnist",
-                   "evaluate_with_teacher@dynat-fashionmnist", "report"}, out
-    assert len(json.loads((proj / "metrics/teachers/dynat_fashionmnist.json").read_text())["epochs"]) == 2
+    assert ran == {"check", "pretrain@dynat-fashionmnist-0", "train_with_teacher@dynat-fashionmnist-0",
+                   "evaluate_with_teacher@dynat-fashionmnist-0", "aggregate_with_teacher@dynat-fashionmnist", "report"}, out
+    assert len(json.loads((proj / "metrics/teachers/dynat_fashionmnist_seed0.json").read_text())["epochs"]) == 2

@@ -44,17 +44,16 @@ def load_training_state(path: str | Path) -> dict | None:
         return None
 
 
-def _cpu_state(module: torch.nn.Module) -> dict:
+def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def save_model(path: str | Path, model: torch.nn.Module, meta: dict, kind: str = "model",
-               teacher: torch.nn.Module | None = None) -> None:
-    """kind "model": a trained classifier (a teacher-based method's also holds its teacher); kind "teacher": the pretrained
-    teacher of a teacher-based method."""
-    obj = {"format": FORMAT, "kind": kind, "meta": meta, "model": _cpu_state(model)}
+def save_model(path: str | Path, state: dict, meta: dict, kind: str = "model", teacher: dict | None = None) -> None:
+    """kind "model": a trained classifier's state dict (a teacher-based method's also holds its teacher's); kind
+    "teacher": the pretrained teacher of a teacher-based method."""
+    obj = {"format": FORMAT, "kind": kind, "meta": meta, "model": state}
     if teacher is not None:
-        obj["teacher"] = _cpu_state(teacher)
+        obj["teacher"] = teacher
     save_torch(path, obj)
 
 

@@ -1,24 +1,45 @@
 """`advtrain`: one command, one sub-command per pipeline stage. Snakemake and DVC both call exactly these.
 
-  advtrain prepare DATASET            -> data/prepared/DATASET/{train.pt,test.pt,meta.json}
-  advtrain pretrain METHOD DATASET    -> models/teachers/METHOD_DATASET.pt (a teacher-based method's teacher)
-  advtrain train METHOD DATASET       -> models/METHOD_DATASET.pt, metrics/train/METHOD_DATASET.json
-  advtrain evaluate METHOD DATASET    -> results/METHOD_DATASET.json
-  advtrain report                     -> reports/report.html, reports/report.md
-  advtrain sync METHOD DATASET        log a run's local records to MLflow (if the store was unreachable)
-  advtrain check                      validate params.yaml and list the configured runs
+  advtrain prepare DATASET                  -> data/prepared/DATASET/{train.pt,test.pt,meta.json}
+  advtrain pretrain METHOD DATASET [--seed S] -> models/teachers/METHOD_DATASET_seedS.pt (a teacher-based method's)
+  advtrain train METHOD DATASET [--seed S]  -> models/METHOD_DATASET_seedS.pt, metrics/train/METHOD_DATASET_seedS.json
+  advtrain evaluate METHOD DATASET [--seed S] -> results/seeds/METHOD_DATASET_seedS.json
+  advtrain aggregate METHOD DATASET         -> results/METHOD_DATASET.json (over the seeds of runs.seeds)
+  advtrain report                           -> reports/report.html, reports/report.md
+  advtrain sync METHOD DATASET [--seed S]   log a run's local records to MLflow (if the store was unreachable)
+  advtrain check                            validate params.yaml and list the configured runs
 
-Paths are relative to the project root (src/advtrain/paths.py); every setting comes from params.yaml.
+Paths are relative to the project root (src/advtrain/paths.py); every setting comes from params.yaml. --seed
+defaults to the first of runs.seeds.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .commands import check, evaluate, prepare, report, sync, train
+from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
 from .console import tee_to
 from .errors import UserError
+
+
+def run_evaluate(a: argparse.Namespace, params: Params) -> None:
+    if a.model:
+        if len(a.names) != 1 or not a.arch:
+            raise UserError("evaluate --model FILE needs --arch NAME and one DATASET: advtrain evaluate --model FILE "
+                            "--arch NAME DATASET")
+        evaluate.run_external(params, a.names[0], a.model, a.arch, a.normalize, a.name)
+    elif len(a.names) != 2:
+        raise UserError("evaluate needs METHOD DATASET (or --model FILE --arch NAME DATASET)")
+    else:
+        evaluate.run(params, a.names[0], a.names[1], a.seed)
+
+
+def run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method")
+    p.add_argument("dataset")
+    p.add_argument("--seed", type=int, default=None, help="the run's seed (default: the first of runs.seeds)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,18 +58,26 @@ def parser() -> argparse.ArgumentParser:
                            ("pretrain", train.pretrain, "clean training of the teacher a teacher-based METHOD learns "
                                                         "from on DATASET")):
         p = sub.add_parser(name, help=f"{what} (resumes from its last completed epoch)")
-        p.add_argument("method")
-        p.add_argument("dataset")
+        run_arguments(p)
         p.add_argument("--restart", action="store_true", help="ignore a saved training state and start afresh")
-        p.set_defaults(fn=lambda a, params, fn=fn: fn(params, a.method, a.dataset, a.restart))
-    p = sub.add_parser("evaluate", help="clean, PGD, CW and AutoAttack accuracy of a trained model")
+        p.set_defaults(fn=lambda a, params, fn=fn: fn(params, a.method, a.dataset, a.seed, a.restart, a.argv))
+    p = sub.add_parser("evaluate", help="clean, PGD, CW and AutoAttack accuracy of a trained model (METHOD DATASET), "
+                                        "or of a checkpoint trained elsewhere (--model FILE --arch NAME DATASET)")
+    p.add_argument("names", nargs="+", metavar="METHOD DATASET | DATASET")
+    p.add_argument("--seed", type=int, default=None, help="the run's seed (default: the first of runs.seeds)")
+    p.add_argument("--model", metavar="FILE", help="a state dict trained elsewhere (plain, or under state_dict/model)")
+    p.add_argument("--arch", help="its architecture: one of our models, or torchvision:NAME (e.g. torchvision:resnet18)")
+    p.add_argument("--normalize", default="dataset", metavar="HOW",
+                   help="dataset (its mean/std; default), inside (the model normalises itself), or M1,M2,.../S1,S2,...")
+    p.add_argument("--name", help="its name in the results and report (default: external-FILESTEM)")
+    p.set_defaults(fn=run_evaluate)
+    p = sub.add_parser("aggregate", help="a (method, dataset) over the seeds of runs.seeds: mean, std, intervals")
     p.add_argument("method")
     p.add_argument("dataset")
-    p.set_defaults(fn=lambda a, params: evaluate.run(params, a.method, a.dataset))
+    p.set_defaults(fn=lambda a, params: aggregate.run(params, a.method, a.dataset))
     p = sub.add_parser("sync", help="log a run's local records to MLflow (after the store was unreachable)")
-    p.add_argument("method")
-    p.add_argument("dataset")
-    p.set_defaults(fn=lambda a, params: sync.run(params, a.method, a.dataset))
+    run_arguments(p)
+    p.set_defaults(fn=lambda a, params: sync.run(params, a.method, a.dataset, a.seed))
     p = sub.add_parser("report", help="HTML + Markdown report over every configured run")
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.set_defaults(fn=lambda a, params: report.run(params, a.out))
@@ -59,8 +88,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
-    if args.log:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv  # `train` relaunches itself with them under torchrun (training.devices)
+    if args.log and os.environ.get("RANK", "0") == "0":  # under torchrun, one log: the main rank's
         tee_to(args.log)
     try:
         args.fn(args, Params.load(args.params))

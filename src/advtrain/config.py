@@ -21,7 +21,8 @@ import yaml
 from .errors import UserError
 from .methods import METHODS
 from .models import MODELS
-from .paths import teacher_name
+from .attacks import BALLS
+from .paths import run_name, teacher_name
 from .schema import Check, ConfigError, boolean, choice, fail, integer, list_of, number, optional, section, text
 from .sources import SOURCES, Source
 
@@ -41,11 +42,20 @@ TRAINING = {
     "channels_last": choice("auto", True, False),
     "device": choice("auto", "cpu", "cuda"),
     "train_subset": integer(0),
+    # model selection on held-out TRAINING images (never the test split): the last val_points of the training set
+    "val_points": integer(0),
+    "val_pgd_steps": integer(1),  # PGD-k (step eps/4) of the per-epoch validation
+    "select": choice("best", "last"),  # the epoch the model file holds: best validation robust accuracy, or last
+    "ema_decay": optional(number(0, 1, lo_open=True, hi_open=True)),  # EMA of the weights, validated and published
+    # data-parallel ranks (distributed.py): `advtrain train` relaunches itself under torchrun when above 1
+    "devices": integer(1),
+    "sync_bn": boolean,  # SyncBatchNorm across the ranks (CUDA only; on the CPU each rank normalises its shard)
 }
 TRAINING_DEFAULTS = {
     "epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "piecewise",
     "milestones": [0.5, 0.75], "lr_decay": 0.1, "cyclic_peak": 0.4, "precision": "auto", "channels_last": "auto",
-    "device": "auto", "train_subset": 0,
+    "device": "auto", "train_subset": 0, "val_points": 0, "val_pgd_steps": 10, "select": "last", "ema_decay": None,
+    "devices": 1, "sync_bn": False,
 }
 
 EVALUATION = {
@@ -80,8 +90,9 @@ def source_setting(v: Any, key: str) -> dict:
 DATASET = section({
     "source": source_setting,
     "model": choice(*MODELS),
-    "eps": number(0, 1, lo_open=True),
-    "alpha": number(0, 1, lo_open=True),
+    "threat_model": choice(*BALLS),  # Linf (default) or L2: the ball eps is the radius of
+    "eps": number(0, lo_open=True),
+    "alpha": number(0, lo_open=True),
     "augment": section(AUGMENT, {"crop": 0, "flip": False}),
     "training": section(TRAINING),
     "evaluation": section(EVALUATION),
@@ -110,22 +121,29 @@ class RunConfig:
     seed: int
     experiment: str
     info: dict = field(default_factory=dict)  # shape, classes, mean, std (from the data source)
+    threat_model: str = "Linf"
     run_name: str | None = None  # default: METHOD_DATASET
 
     @property
     def name(self) -> str:
-        return self.run_name or f"{self.method}_{self.dataset}"
+        return self.run_name or run_name(self.method, self.dataset, self.seed)
 
     def train_fingerprint(self) -> str:
         """A hash of everything that changes what training computes (not evaluation settings)."""
-        keys = ("method", "dataset", "model", "model_kwargs", "eps", "alpha", "augment", "training", "method_params", "seed")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=str)
+        keys = ("method", "dataset", "model", "model_kwargs", "threat_model", "eps", "alpha", "augment", "training",
+                "method_params", "seed")
+        fields = {k: getattr(self, k) for k in keys}
+        # the number of ranks is left out: N ranks compute what one process computes (distributed.py), so a run
+        # resumes on another number of devices
+        fields["training"] = {k: v for k, v in self.training.items() if k != "devices"}
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, Any]:
         """Flat key -> value map for MLflow's params."""
-        out: dict[str, Any] = {"method": self.method, "dataset": self.dataset, "model": self.model, "eps": self.eps,
-                               "alpha": self.alpha, "seed": self.seed}
+        out: dict[str, Any] = {"method": self.method, "dataset": self.dataset, "model": self.model,
+                               "threat_model": self.threat_model, "eps": self.eps, "alpha": self.alpha,
+                               "seed": self.seed}
         for prefix, d in (("model", self.model_kwargs), ("augment", self.augment), ("training", self.training),
                           ("method", self.method_params)):
             for k, v in d.items():
@@ -203,8 +221,8 @@ class Params:
         top = {
             "seed": integer(0),
             "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(text),
-                             "teacher_methods": list_of(choice(*METHODS))},
-                            {"methods": [], "datasets": [], "teacher_methods": []}),
+                             "teacher_methods": list_of(choice(*METHODS)), "seeds": list_of(integer(0))},
+                            {"methods": [], "datasets": [], "teacher_methods": [], "seeds": []}),
             "models": section({name: section(m.params) for name, m in MODELS.items()}),
             # a method's settings may be overridden per configured dataset: methods.<method>.<dataset>
             "methods": section({name: self._method_schema(m, datasets) for name, m in METHODS.items()}),
@@ -224,6 +242,9 @@ class Params:
                     raise ConfigError(f"{path}: runs.{key}: {m} {why}: list it under runs.{other} instead")
         for dataset in datasets:
             self.check_dataset(dataset)
+        seeds = runs["seeds"]
+        if len(set(seeds)) != len(seeds):
+            fail("runs.seeds", "a list of distinct seeds", seeds)
         for method, dataset in self.runs:
             self.check_run(method, dataset, where="runs")
             if METHODS[method].needs_teacher:
@@ -271,6 +292,10 @@ class Params:
         for k in ("source", "model", "eps", "alpha"):
             if k not in ds:
                 raise ConfigError(f"{self.path}: datasets.{dataset}.{k} is missing")
+        if ds.get("threat_model", "Linf") == "Linf":  # an L-inf radius beyond 1 would allow any image
+            for k in ("eps", "alpha"):
+                if ds[k] > 1:
+                    fail(f"datasets.{dataset}.{k}", "a number > 0 and <= 1 for the L-inf threat model", ds[k])
         shape = tuple(self.source(dataset).shape)
         if not MODELS[ds["model"]].fits(shape):
             raise ConfigError(f"{self.path}: datasets.{dataset}.model {ds['model']!r} does not fit {dataset}'s "
@@ -280,7 +305,18 @@ class Params:
         self._known_dataset(dataset, f"{self.path}: ")
         return source_of(self.data["datasets"][dataset]["source"])
 
-    def resolve(self, method: str, dataset: str) -> RunConfig:
+    def dataset_evaluation(self, dataset: str) -> dict:
+        """A dataset's evaluation settings without any method's overrides (for a model trained elsewhere)."""
+        self._known_dataset(dataset, f"{self.path}: ")
+        return {**self.data["evaluation"], **self.data["datasets"][dataset].get("evaluation", {})}
+
+    @property
+    def seeds(self) -> list[int]:
+        """The seeds every configured (method, dataset) runs with: runs.seeds, else the one `seed`."""
+        return self.data["runs"]["seeds"] or [self.data["seed"]]
+
+    def resolve(self, method: str, dataset: str, seed: int | None = None) -> RunConfig:
+        """One run's settings; `seed` defaults to the first of `seeds`."""
         self.check_run(method, dataset)
         d = self.data
         ds = d["datasets"][dataset]
@@ -304,10 +340,19 @@ class Params:
             training=layered("training"),
             method_params=mparams,
             evaluation=layered("evaluation"),
-            seed=d["seed"],
+            seed=self.seeds[0] if seed is None else seed,
             experiment=d["tracking"]["experiment"],
             info=self.source(dataset).info(),
+            threat_model=ds.get("threat_model", "Linf"),
         )
+        if cfg.threat_model not in METHODS[method].threat_models:
+            able = ", ".join(m for m, c in METHODS.items() if cfg.threat_model in c.threat_models)
+            raise ConfigError(f"{self.path}: {method} has no {cfg.threat_model} form (it is defined for "
+                              f"{', '.join(METHODS[method].threat_models)}); for datasets.{dataset}.threat_model "
+                              f"{cfg.threat_model} use one of: {able}")
+        if cfg.training["select"] == "best" and not cfg.training["val_points"]:
+            raise ConfigError(f"{self.path}: {cfg.name}: training.select: best needs held-out images to select on: "
+                              "set training.val_points (e.g. 1000)")
         self._check_work(cfg)
         return cfg
 
@@ -320,11 +365,13 @@ class Params:
         subset = cfg.training["train_subset"]
         n = min(subset, sizes["train"]) if subset else sizes["train"]
         method = METHODS[cfg.method]
-        held = method.held_out(cfg.method_params) if holdout is None else holdout
+        held = max(method.held_out(cfg.method_params) if holdout is None else holdout, cfg.training["val_points"])
         if n - held < 1:
             kept = (f"datasets.{cfg.dataset}.training.train_subset keeps {n}" if subset else
                     f"{cfg.dataset} has {n}")
             setting = who or f"methods.{cfg.method}.{method.held_out_key}"
+            if cfg.training["val_points"] >= held:
+                setting = "training.val_points"
             raise ConfigError(f"{self.path}: {cfg.name} would train on no image: {kept} training images and "
                               f"{setting} holds out {held} of them: lower {setting.rsplit('.', 1)[-1]} or keep "
                               "more training images")
@@ -337,9 +384,9 @@ class Params:
         runs = self.data["runs"]
         return [(m, d) for d in runs["datasets"] for m in runs["methods"] + runs["teacher_methods"]]
 
-    def teacher_config(self, method: str, dataset: str) -> RunConfig:
+    def teacher_config(self, method: str, dataset: str, seed: int | None = None) -> RunConfig:
         """The teacher of a teacher-based method: clean (standard) training as its `teacher_recipe` says."""
-        cfg = self.resolve(method, dataset)
+        cfg = self.resolve(method, dataset, seed)
         if not METHODS[method].needs_teacher:
             raise ConfigError(f"{self.path}: {method} has no teacher to pretrain (methods that have one: "
                               f"{', '.join(m for m, c in METHODS.items() if c.needs_teacher)})")
@@ -348,7 +395,7 @@ class Params:
         if not MODELS[model].fits(tuple(cfg.info["shape"])):
             raise ConfigError(f"{self.path}: methods.{method}.teacher_model {model!r} does not fit {dataset}'s images "
                               f"({MODELS[model].fits_doc})")
-        cfg.method, cfg.model, cfg.run_name = "standard", model, teacher_name(method, dataset)
+        cfg.method, cfg.model, cfg.run_name = "standard", model, teacher_name(method, dataset, cfg.seed)
         cfg.method_params = {"holdout": recipe["holdout"]}
         cfg.model_kwargs = dict(self.data["models"].get(model, {}))
         cfg.training = {**cfg.training, "epochs": recipe["epochs"]}

@@ -8,7 +8,9 @@ from typing import TextIO
 
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    # one write per line: the ranks of a torchrun world share one terminal, and their lines must not interleave
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 class _Tee:

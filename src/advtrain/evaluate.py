@@ -31,6 +31,7 @@ import torch
 from . import faults
 from .attacks import pgd, predict
 from .io import save_torch
+from .stats import pack_bits
 
 AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["apgd-ce", "apgd-t"]}
 N_EXAMPLES = 8  # test points whose clean and adversarial images the report shows
@@ -79,9 +80,9 @@ def plan(ev: dict) -> list[Stage]:
 class _AutoAttack:
     """One AutoAttack attack on one batch, through the package's own entry point."""
 
-    def __init__(self, model, eps: float, seed: int, device: torch.device):
+    def __init__(self, model, eps: float, seed: int, device: torch.device, norm: str = "Linf"):
         self.module, self.package, self.bs_key = _autoattack_module()
-        self.adversary = self.module.AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
+        self.adversary = self.module.AutoAttack(model, norm=norm, eps=eps, version="standard", seed=seed,
                                                 device=device)
         self.logger = logging.getLogger("auto-attack")
         self.collect = _Collect()
@@ -99,10 +100,12 @@ class _AutoAttack:
         return (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
 
 
-def fingerprint(model_file: Path, eps: float, ev: dict, seed: int, n: int) -> str:
+def fingerprint(model_file: Path, eps: float, ev: dict, seed: int, n: int, norm: str = "Linf") -> str:
     h = hashlib.sha256(Path(model_file).read_bytes())
-    h.update(json.dumps({"eps": eps, "ev": {k: v for k, v in ev.items() if k != "device"}, "seed": seed, "n": n},
-                        sort_keys=True).encode())
+    settings = {"eps": eps, "ev": {k: v for k, v in ev.items() if k != "device"}, "seed": seed, "n": n}
+    if norm != "Linf":  # (so that L-inf keys stay what they were)
+        settings["norm"] = norm
+    h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()
 
 
@@ -123,7 +126,7 @@ def load_state(path: Path, key: str, log: Callable[[str], None]) -> dict | None:
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ev: dict, seed: int,
              device: torch.device, log: Callable[[str], None] = print, state_path: Path | None = None,
-             key: str = "") -> dict:
+             key: str = "", norm: str = "Linf") -> dict:
     model.eval().to(device)
     x, y = x.to(device), y.to(device)
     n, bs = len(y), ev["batch_size"]
@@ -160,7 +163,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         else:
             todo, first = mask.nonzero().squeeze(1), 0
         if stage.family == "aa" and aa is None:
-            aa = _AutoAttack(model, eps, seed, device)
+            aa = _AutoAttack(model, eps, seed, device, norm)
         n_batches = (len(todo) + bs - 1) // bs
         t0 = time.perf_counter()
         for bi in range(first, n_batches):
@@ -170,7 +173,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             else:  # seeded per (stage, batch), so a resumed evaluation draws the same random starts
                 torch.manual_seed(seed * 1_000_003 + si * 10_007 + bi)
                 steps = ev["pgd_steps"] if stage.family == "pgd" else ev["cw_steps"]
-                x_adv = pgd(model, x[b], y[b], eps, alpha, steps, loss=stage.attack)
+                x_adv = pgd(model, x[b], y[b], eps, alpha, steps, loss=stage.attack, norm=norm)
             fooled = predict(model, x_adv, bs) != y[b]
             mask[b[fooled]] = False
             shown = b < N_EXAMPLES  # keep an adversarial image for the report's grid: the one that fooled, if any
@@ -215,6 +218,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             "seconds_per_attack": {a: state["seconds"].get(a, 0.0) for a in attacks},
             "robust_acc": acc(masks["aa"]), "warnings": state["warnings"]}
     out["robust_acc"] = acc(robust)  # per-point minimum over every attack run
+    # each point's outcome, 8 a byte: what a paired comparison of two models on the same points needs (McNemar)
+    out["points"] = {"clean": pack_bits(clean.tolist()), "robust": pack_bits(robust.tolist())}
     out["seconds"] = {"clean": state["seconds"]["clean"],
                       **{f: sum(state["seconds"].get(s.name, 0.0) for s in stages if s.family == f) for f in families}}
     k = len(state["ex_fooled"])

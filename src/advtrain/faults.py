@@ -10,6 +10,8 @@ ADVTRAIN_FAULT holds comma-separated faults `POINT[@MATCH][:N]`: the N-th time (
   write@NAME         an atomic write of a file called NAME: after the temporary file is complete, before the
                      rename that publishes it                               -> SIGKILL
 
+ADVTRAIN_FAULT_RANK=R limits the faults to rank R of a torchrun world (RANK; one process is rank 0).
+
 Unset (the normal case), every check is one dictionary lookup."""
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ for _item in filter(None, (s.strip() for s in _SPEC.split(","))):
     _point, _, _n = _item.partition(":")
     _point, _, _match = _point.partition("@")
     _FAULTS.setdefault(_point, []).append([_match, int(_n or 1)])
+
+if os.environ.get("ADVTRAIN_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    _FAULTS.clear()
 
 NON_KILLING = {"train.nan"}
 

@@ -1,18 +1,21 @@
 """The on-disk layout of a project: every file a stage reads or writes, relative to the project root.
 
 One place for it: the command-line stages, the report and the tests use these functions; the Snakefile builds its
-rules from the patterns below, and a test keeps dvc.yaml's paths equal to them. A run is one (method, dataset);
-a teacher is the clean-trained model a teacher-based method learns from (`Method.needs_teacher`)."""
+rules from the patterns below, and a test keeps dvc.yaml's paths equal to them.
+A run is one (method, dataset, seed); results/METHOD_DATASET.json sums a (method, dataset) up over the seeds of
+params.yaml's `runs.seeds`. A teacher is the clean-trained model a teacher-based method learns from
+(`Method.needs_teacher`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 PREPARED = "data/prepared/{dataset}"
-MODEL = "models/{method}_{dataset}.pt"
-TRAIN_METRICS = "metrics/train/{method}_{dataset}.json"
-TEACHER = "models/teachers/{method}_{dataset}.pt"
-TEACHER_METRICS = "metrics/teachers/{method}_{dataset}.json"
-RESULT = "results/{method}_{dataset}.json"
+MODEL = "models/{method}_{dataset}_seed{seed}.pt"
+TRAIN_METRICS = "metrics/train/{method}_{dataset}_seed{seed}.json"
+TEACHER = "models/teachers/{method}_{dataset}_seed{seed}.pt"
+TEACHER_METRICS = "metrics/teachers/{method}_{dataset}_seed{seed}.json"
+SEED_RESULT = "results/seeds/{method}_{dataset}/seed{seed}.json"  # one run's evaluation, beside its other seeds
+RESULT = "results/{method}_{dataset}.json"  # over the seeds: what a user asks for
 LOG = "logs/{stage}/{name}.log"
 REPORT_DIR = "reports"
 PARAMS_VALID = "logs/check/params.valid"  # dvc.yaml's check stage: every other stage runs after it
@@ -24,32 +27,36 @@ EVAL_STATE = "checkpoints/eval/{name}/{key}.pt"  # an evaluation in progress
 EVAL_DONE = "checkpoints/eval/{name}/{key}.json"  # a finished evaluation's record, re-published when asked again
 
 
-def run_name(method: str, dataset: str) -> str:
-    return f"{method}_{dataset}"
+def run_name(method: str, dataset: str, seed: int) -> str:
+    return f"{method}_{dataset}_seed{seed}"
 
 
-def teacher_name(method: str, dataset: str) -> str:
-    return f"teacher_{method}_{dataset}"
+def teacher_name(method: str, dataset: str, seed: int) -> str:
+    return f"teacher_{run_name(method, dataset, seed)}"
 
 
 def prepared_dir(dataset: str) -> Path:
     return Path(PREPARED.format(dataset=dataset))
 
 
-def model_path(method: str, dataset: str) -> Path:
-    return Path(MODEL.format(method=method, dataset=dataset))
+def model_path(method: str, dataset: str, seed: int) -> Path:
+    return Path(MODEL.format(method=method, dataset=dataset, seed=seed))
 
 
-def train_metrics_path(method: str, dataset: str) -> Path:
-    return Path(TRAIN_METRICS.format(method=method, dataset=dataset))
+def train_metrics_path(method: str, dataset: str, seed: int) -> Path:
+    return Path(TRAIN_METRICS.format(method=method, dataset=dataset, seed=seed))
 
 
-def teacher_path(method: str, dataset: str) -> Path:
-    return Path(TEACHER.format(method=method, dataset=dataset))
+def teacher_path(method: str, dataset: str, seed: int) -> Path:
+    return Path(TEACHER.format(method=method, dataset=dataset, seed=seed))
 
 
-def teacher_metrics_path(method: str, dataset: str) -> Path:
-    return Path(TEACHER_METRICS.format(method=method, dataset=dataset))
+def teacher_metrics_path(method: str, dataset: str, seed: int) -> Path:
+    return Path(TEACHER_METRICS.format(method=method, dataset=dataset, seed=seed))
+
+
+def seed_result_path(method: str, dataset: str, seed: int) -> Path:
+    return Path(SEED_RESULT.format(method=method, dataset=dataset, seed=seed))
 
 
 def result_path(method: str, dataset: str) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .io import write_bytes, write_text
 from .paths import result_path, train_metrics_path
+from .stats import mcnemar_exact, unpack_bits
 
 CURVES = [  # (metric key in the per-epoch record, axis label, scale)
     ("loss", "training loss", "linear"),
@@ -19,40 +20,83 @@ CURVES = [  # (metric key in the per-epoch record, axis label, scale)
     ("grad_l1", "input-gradient magnitude (L1, summed over the epoch)", "log"),
     ("attack_steps", "attack steps / replays per batch", "linear"),
     ("seconds", "seconds per epoch", "linear"),
+    ("val_clean_acc", "validation clean accuracy (held-out training images)", "linear"),
+    ("val_pgd_acc", "validation robust accuracy (PGD; * = the epoch the model file holds)", "linear"),
 ]
+ACCURACY_COLUMNS = [("clean_acc", "clean %"), ("pgd_acc", "PGD %"), ("cw_acc", "CW %"), ("apgd_ce_t_acc", "APGD-CE+T %")]
 
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
-def _load_runs(runs: list[tuple[str, str]]) -> list[dict]:
+def _load_runs(runs: list[tuple[str, str]], extra: list[Path] = ()) -> list[dict]:
+    """The (method, dataset) results over their seeds, each with the per-epoch curves of its first seed; then the
+    `extra` result files (models trained elsewhere, without curves)."""
     out = []
     for method, dataset in runs:
         res = json.loads(result_path(method, dataset).read_text())
-        mpath = train_metrics_path(method, dataset)
+        mpath = train_metrics_path(method, dataset, res["seeds"]["seeds"][0])
         res["curves"] = json.loads(mpath.read_text())["epochs"] if mpath.exists() else []
         out.append(res)
+    for path in extra:
+        out.append({**json.loads(Path(path).read_text()), "curves": []})
     return out
+
+
+def _cell(r: dict, key: str) -> str:
+    """An accuracy as mean (± std over seeds, when several) [95% interval from the number of test points]."""
+    s = r["seeds"]["summary"].get(key)
+    if s is None:
+        return "–"
+    spread = f" ± {100 * s['std']:.2f}" if len(s["values"]) > 1 else ""
+    return f"{100 * s['mean']:.2f}{spread} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+
+
+def _selected(r: dict) -> str:
+    sel = r.get("selection") or {}
+    return f"{sel['epoch']} ({sel['select']})" if sel else "–"
 
 
 def _row(r: dict) -> list[str]:
     aa = r.get("autoattack", {})
     tr = r.get("train", {})
     passes = tr.get("passes")
-    return [r["method"], r["model"], str(r["n_points"]), _pct(r["clean_acc"]), _pct(r.get("pgd", {}).get("acc")),
-            _pct(r.get("cw", {}).get("acc")), _pct(aa.get("robust_acc_after", {}).get("apgd-t")),
-            aa.get("version", "off"), _pct(aa.get("robust_acc")),
-            _pct(r["robust_acc"]), f"{tr.get('seconds', float('nan')):.0f}",
-            "–" if passes is None else f"{passes:g}", str(tr.get("epochs", "–"))]
+    return [r["method"], r["model"], str(r["n_points"]), str(len(r["seeds"]["seeds"])),
+            *(_cell(r, key) for key, _ in ACCURACY_COLUMNS), aa.get("version", "off"), _cell(r, "autoattack_acc"),
+            _cell(r, "robust_acc"), f"{tr.get('seconds', float('nan')):.0f}",
+            "–" if passes is None else f"{passes:g}", str(tr.get("epochs", "–")), _selected(r)]
 
 
-HEADER = ["method", "model", "points", "clean %", "PGD %", "CW %", "APGD-CE+T %", "AutoAttack", "AutoAttack %", "robust (min) %",
-          "train s", "passes", "epochs"]
-NOTE = ("APGD-CE+T: robust accuracy after AutoAttack's first two attacks, recorded for every run (the like-for-like "
-        "column when versions differ); AutoAttack %: after every attack of the version named; robust (min): each "
-        "point's worst case over all attacks run, PGD and CW included; passes: forward+backward work in minibatch "
-        "equivalents; train s: training wall time.")
+HEADER = ["method", "model", "points", "seeds", *(h for _, h in ACCURACY_COLUMNS), "AutoAttack", "AutoAttack %",
+          "robust (min) %", "train s", "passes", "epochs", "model of epoch"]
+NOTE = ("Accuracies: mean over seeds (± sample std when there are several) and [the 95% Wilson interval of that "
+        "accuracy from the number of test points]. APGD-CE+T: robust accuracy after AutoAttack's first two attacks, "
+        "recorded for every run (the like-for-like column when versions differ); AutoAttack %: after every attack of "
+        "the version named; robust (min): each point's worst case over all attacks run, PGD and CW included; "
+        "passes: forward+backward work in minibatch equivalents; train s: training wall time (first seed); model of "
+        "epoch: the epoch whose weights were evaluated (best: by validation on held-out training images).")
+
+
+def significance(rows: list[dict], alpha: float = 0.05) -> list[tuple[str, str, float, bool]]:
+    """Every pair of methods on a dataset: (a, b, p-value, significant?) of the difference of their final robust
+    accuracies, by McNemar's exact test on the points they disagree on (the same test points for every method),
+    the discordant counts summed over the seeds both have."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            disc_a = disc_b = 0
+            for seed, pa in a["seeds"]["per_seed"].items():
+                pb = b["seeds"]["per_seed"].get(seed)
+                if not pb or not pa.get("points") or not pb.get("points") or pa["n_points"] != pb["n_points"]:
+                    continue
+                ra = unpack_bits(pa["points"]["robust"], pa["n_points"])
+                rb = unpack_bits(pb["points"]["robust"], pb["n_points"])
+                disc_a += sum(x and not y for x, y in zip(ra, rb))
+                disc_b += sum(y and not x for x, y in zip(ra, rb))
+            p = mcnemar_exact(disc_a, disc_b)
+            out.append((a["method"], b["method"], p, p < alpha))
+    return out
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -77,12 +121,15 @@ def _figures(dataset: str, rows: list[dict]):
     from matplotlib.ticker import MaxNLocator
 
     color = {r["method"]: f"C{i}" for i, r in enumerate(rows)}  # one colour per method in every panel
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5), layout="constrained")
     for ax, (key, label, scale) in zip(axes.flat, CURVES):
         for r in rows:
             pts = [(c["epoch"], c[key]) for c in r["curves"] if c.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=r["method"], color=color[r["method"]])
+            chosen = (r.get("selection") or {}).get("epoch")
+            if key == "val_pgd_acc" and chosen and any(e == chosen for e, _ in pts):
+                ax.plot(chosen, dict(pts)[chosen], marker="*", ms=14, color=color[r["method"]], ls="none")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -150,8 +197,9 @@ def _figures(dataset: str, rows: list[dict]):
                png(_example_grid(plt, shown)))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    pts = [(r.get("train", {}).get("seconds", 0), 100 * r.get("autoattack", {}).get("robust_acc", r["robust_acc"]))
-           for r in rows]
+    summary = lambda r: r["seeds"]["summary"]  # noqa: E731
+    pts = [(r.get("train", {}).get("seconds", 0),
+            100 * summary(r).get("autoattack_acc", summary(r)["robust_acc"])["mean"]) for r in rows]
     front = sorted((pts[i] for i in pareto(pts)))
     if len(front) > 1:
         ax.plot(*zip(*front), ls="--", color="grey", lw=1, label="Pareto front")
@@ -212,8 +260,8 @@ def checks(r: dict) -> list[str]:
     return bad
 
 
-def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path]:
-    results = _load_runs(runs)
+def build_report(runs: list[tuple[str, str]], out_dir: Path, extra: list[Path] = ()) -> tuple[Path, Path]:
+    results = _load_runs(runs, extra)
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
     fig_dir = out_dir / "figures"
     # no time stamp: the same results give a byte-identical report (DVC and Snakemake then see nothing changed)
@@ -223,8 +271,10 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
     for ds in datasets:
         rows = [r for r in results if r["dataset"] == ds]
         eps = rows[0]["eps"]
+        norm = {"Linf": "L-inf", "L2": "L2"}.get(rows[0].get("threat_model", "Linf"), rows[0].get("threat_model"))
         aa_versions = sorted({r.get("autoattack", {}).get("version", "off") for r in rows})
-        threat = (f"L-inf, eps = {eps:.4g} (images in [0, 1]); AutoAttack: {' and '.join(aa_versions)} version; "
+        threat = (f"Threat model: {norm}, eps = {eps:.4g} (images in [0, 1]); AutoAttack: {' and '.join(aa_versions)} "
+                  f"version; "
                   f"PGD: {rows[0].get('pgd', {}).get('steps', '–')} steps x {rows[0].get('pgd', {}).get('restarts', '–')} restarts")
         md += [f"## {ds}", "", threat, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         md += ["| " + " | ".join(_row(r)) + " |" for r in rows]
@@ -233,6 +283,14 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path) -> tuple[Path, Path
                     + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"
                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(r)) + "</tr>" for r in rows)
                     + f"</tbody></table><p class=meta>{html.escape(NOTE)}</p>")
+        pairs = significance(rows)
+        if pairs:
+            same = [f"{a} and {b} (p = {p:.2f})" for a, b, p, sig in pairs if not sig]
+            verdict_rank = ("Differences of robust (min) accuracy not significant at the 5% level (McNemar's exact test "
+                            "on the points two methods disagree on, over their seeds): "
+                            + ("; ".join(same) if same else "none: every pair differs significantly") + ".")
+            md += ["", verdict_rank]
+            body.append(f"<p class=ranking>{html.escape(verdict_rank)}</p>")
         failed = {r["method"]: checks(r) for r in rows if checks(r)}
         verdict = ("Checks: every AutoAttack breakdown is monotone and every final robust accuracy is at most its PGD, "
                    "CW and AutoAttack ones." if not failed else

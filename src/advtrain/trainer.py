@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint, faults
+from .attacks import predict, worst_case
 from .config import RunConfig
-from .loader import DeviceLoader
+from .distributed import World
 from .errors import UserError
+from .loader import DeviceLoader
 from .methods import METHODS
 from .models import model_for
 
@@ -59,12 +63,15 @@ def lr_at(progress: float, tr: dict) -> float:
 class Trainer:
     def __init__(self, cfg: RunConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
                  checkpoint_path: str | Path, callbacks: list[Callbacks] = (), log: Callable[[str], None] = print,
-                 teacher: torch.nn.Module | None = None):
+                 teacher: torch.nn.Module | None = None, world: World | None = None):
         self.cfg, self.tr = cfg, cfg.training
         self.log = log
         self.callbacks = list(callbacks)
         self.checkpoint_path = Path(checkpoint_path)
-        self.device = pick_device(self.tr["device"])
+        # data parallelism (distributed.py): under torchrun every rank trains its shard of each global batch
+        self.world = world or World()
+        self.device = self.world.device(pick_device(self.tr["device"]))
+        self.world.start(self.device)
         cuda = self.device.type == "cuda"
         if not cuda:
             keep_freed_memory()
@@ -81,21 +88,43 @@ class Trainer:
             raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.method} {cfg.dataset}` first")
         if self.tr["train_subset"]:
             train_images, train_labels = train_images[: self.tr["train_subset"]], train_labels[: self.tr["train_subset"]]
-        self.holdout = None  # images kept out of training for a per-epoch check (FGSM's overfitting guard)
-        if self.method.holdout:
-            n = self.method.holdout
-            self.holdout = (train_images[-n:].to(self.device).float().div(255), train_labels[-n:].to(self.device))
+        # Images kept out of training, from the end of the training set: a method's own per-epoch check (FGSM's
+        # overfitting guard) and the validation split that model selection uses. Never the test split.
+        held = {"holdout": self.method.holdout, "val": self.tr["val_points"]}
+        self.holdout = self.val = None
+        for key, n in held.items():
+            if n:
+                part = (train_images[-n:].to(self.device).float().div(255), train_labels[-n:].to(self.device))
+                setattr(self, key, part)
+        if max(held.values()):
+            n = max(held.values())
             train_images, train_labels = train_images[:-n], train_labels[:-n]
         if len(train_labels) == 0:  # params.yaml refuses this for sources of known size; here for the others
-            raise UserError(f"{cfg.name}: no training image left after the {self.method.holdout} held out by "
-                            f"methods.{cfg.method}.{self.method.held_out_key}: lower it or keep more training images")
+            raise UserError(f"{cfg.name}: no training image left after the {max(held.values())} held out (methods."
+                            f"{cfg.method}.{self.method.held_out_key}, training.val_points): keep more training images")
+        last = len(train_labels) % self.tr["batch_size"]
+        if self.world.on and 0 < last < self.world.size:
+            raise UserError(f"{cfg.name}: the last minibatch holds {last} images, fewer than the {self.world.size} "
+                            "ranks: change training.batch_size or training.train_subset")
         self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
                                    crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
                                    channels_last=self.channels_last)
         self.model = model_for(cfg)
         self.model.to(self.device).use_channels_last(self.channels_last)
+        # Under torchrun, `update`'s pass goes through DDP (one gradient all-reduce per optimizer step, overlapped
+        # with the backward); attacks use the unwrapped `self.model`, so their passes all-reduce nothing.
+        self.ddp = None
+        if self.world.on:
+            if self.tr["sync_bn"] and cuda:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
+        # an exponential moving average of the weights (and buffers), updated after every optimizer step; when on,
+        # it is what validation measures and what the model file holds
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.tr["ema_decay"]), use_buffers=True)
+                    if self.tr["ema_decay"] else None)
+        self.best: dict | None = None  # the best epoch so far by validation: {"epoch", "metric", "value", "state"}
         self.method.setup(self)
         if self.method.needs_teacher:
             self.method.attach_teacher(self, teacher)
@@ -107,8 +136,27 @@ class Trainer:
         # checkpoint and the model file, so the same settings give byte-identical files
         self.run_key = cfg.train_fingerprint()
         self._batch = 0  # global minibatch index, for the schedule
+        self._global_n, self._shard, self._loss_scale = 0, slice(None), 1.0  # this rank's part of the minibatch
 
     # --- what methods call ------------------------------------------------------------------------------------
+
+    def noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like the minibatch `x`, for an attack's random start."""
+        return self._draw(x, torch.rand_like)
+
+    def normal_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like the minibatch `x` (the 0.001 N(0, 1) start of TRADES-style attacks)."""
+        return self._draw(x, torch.randn_like)
+
+    def _draw(self, x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Under torchrun, a rank's whole shard gets its slice of noise drawn for the whole global batch (in the
+        same memory order): each rank draws what one process draws, and the ranks' generators stay in step. A part
+        of a shard (PGD's `fraction` < 1) draws its own."""
+        if not self.world.on or len(x) != self._shard.stop - self._shard.start:
+            return fill(x)
+        fmt = torch.channels_last if x.dim() == 4 and self.channels_last else torch.contiguous_format
+        whole = torch.empty((self._global_n, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        return fill(whole)[self._shard]
 
     def autocast(self):
         if self.use_bf16:
@@ -138,15 +186,22 @@ class Trainer:
         Returns (logits, loss); the input gradient is left in `self.input_grad`."""
         inputs = inputs.detach().requires_grad_(True)
         with self.autocast():
-            logits = self.model(inputs)
+            logits = (self.ddp if self.ddp is not None else self.model)(inputs)
         loss = loss_fn(logits.float())
         if faults.fires("train.nan"):
             loss = loss * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.input_grad = inputs.grad
+        if self.world.on:
+            # DDP averages the ranks' gradients; each rank's mean loss is weighted by its share of the global batch,
+            # so the average is the gradient of the global batch's mean loss (distributed.py)
+            (loss * self._loss_scale).backward()
+            self.world.average_gradients(self._unwrapped_params())
+            self.input_grad = inputs.grad / self.world.size  # the weighting multiplied it by the world's size
+        else:
+            loss.backward()
+            self.input_grad = inputs.grad
         if measure is not False:
-            grad = inputs.grad if measure is True else inputs.grad[measure]
+            grad = self.input_grad if measure is True else self.input_grad[measure]
             self._acc["grad_l1"] += grad.detach().abs().sum(dtype=torch.float32)
         # the first non-finite loss of the epoch, remembered on the device (no host synchronisation per step)
         a = self._acc
@@ -160,8 +215,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         self._steps += 1
         return logits, loss
+
+    def _unwrapped_params(self) -> list[torch.nn.Parameter]:
+        """Parameters in the optimizer that DDP does not own (a teacher trained alongside the student)."""
+        return [p for group in self.optimizer.param_groups[1:] for p in group["params"]]
 
     def record(self, loss: torch.Tensor, clean=None, adv=None, n: int | None = None) -> None:
         """Accumulate a minibatch's loss (a mean over its `n` examples; default: the clean plus the adversarial ones)
@@ -192,6 +253,8 @@ class Trainer:
             "history": self.history,
             "run_key": self.run_key,
             "stop_reason": self.stop_reason,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best": self.best,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -203,7 +266,15 @@ class Trainer:
         if s.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(s["cuda_rng"])
         self.epoch, self.history, self.stop_reason = s["epoch"], s["history"], s["stop_reason"]
+        if self.ema is not None:
+            self.ema.load_state_dict(s["ema"])
+        self.best = s.get("best")
         self.run_key = s.get("run_key") or self.run_key  # checkpoints before the key existed keep a new one
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # on every rank: a method's per-example state is gathered from the shards
+        if self.world.main:  # one writer: the ranks hold the same state
+            checkpoint.save_training_state(self.checkpoint_path, state)
 
     def try_resume(self) -> bool:
         """Continue from the last completed epoch if a checkpoint of this exact configuration exists."""
@@ -226,9 +297,10 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self, resumed)
         if not resumed:  # epoch 0: a run killed in its first epoch restarts into the same MLflow run
-            checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
+            self.save_checkpoint()
         epochs = self.epochs
-        self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}, bf16={self.use_bf16}, "
+        ranks = f" x {self.world.size} ranks" if self.world.on else ""
+        self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}{ranks}, bf16={self.use_bf16}, "
                  f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")
         while self.epoch < epochs and self.stop_reason is None:
             metrics = self.run_epoch()
@@ -236,11 +308,50 @@ class Trainer:
             self.history.append(metrics)
             if self.stop_reason:
                 self.log(f"[{self.cfg.name}] stopping after epoch {self.epoch}: {self.stop_reason}")
-            checkpoint.save_training_state(self.checkpoint_path, self.state_dict())
+            self.save_checkpoint()
             faults.fires("train.epoch_end")
             for cb in self.callbacks:
                 cb.on_epoch(self, metrics)
         return self.history
+
+    # --- validation and model selection --------------------------------------------------------------------------
+
+    def published(self) -> torch.nn.Module:
+        """The weights validation measures and the model file holds: the EMA when on, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def validate(self, epoch: int) -> dict:
+        """Clean and PGD-k accuracy on the held-out training images (never the test split), then remember the epoch
+        if it is the best so far by the method's selection metric. The attack's random starts come from their own
+        generator, seeded by the epoch, so validating does not change what training draws."""
+        x, y = self.val
+        model = self.published()
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100_003 + epoch)
+        robust, _ = worst_case(model, x, y, self.cfg.eps, self.cfg.eps / 4, self.tr["val_pgd_steps"],
+                               autocast=self.autocast, norm=self.cfg.threat_model, generator=g)
+        clean = predict(model, x, autocast=self.autocast) == y
+        model.train()
+        self.model.train()
+        out = {"val_clean_acc": clean.sum().item() / len(y), "val_pgd_acc": robust.sum().item() / len(y)}
+        metric = self.method.selection_metric
+        if self.best is None or out[metric] > self.best["value"]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.best = {"epoch": epoch + 1, "metric": metric, "value": out[metric], "state": state}
+        return out
+
+    def selected(self) -> tuple[dict, dict]:
+        """(state dict, how it was chosen) of the weights the model file holds: the best validated epoch with
+        `select: best`, else the last epoch's (the EMA's when on)."""
+        n_val = 0 if self.val is None else len(self.val[1])
+        if self.tr["select"] == "best" and self.best is not None:
+            b = self.best
+            why = (f"highest {b['metric']} ({b['value']:.4f}) on {n_val} held-out training images, epoch "
+                   f"{b['epoch']} of {self.epoch}")
+            return b["state"], {"select": "best", "epoch": b["epoch"], "metric": b["metric"], "value": b["value"],
+                                "val_points": n_val, "ema": self.ema is not None, "why": why}
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.published().state_dict().items()}
+        return state, {"select": "last", "epoch": self.epoch, "val_points": n_val, "ema": self.ema is not None,
+                       "why": f"the last epoch ({self.epoch})"}
 
     # --- what end-of-epoch checks call (FGSM's catastrophic-overfitting guard) ----------------------------------
 
@@ -275,6 +386,23 @@ class Trainer:
         self.model.train()
         self.method.begin_epoch()
 
+    def agree_epoch(self) -> dict:
+        """The epoch's accumulators summed over the ranks (the NaN stop: the first bad step of any rank), so that
+        every per-epoch decision (the magnitude rule, FGSM's guard, the NaN stop) is the same on every rank."""
+        a = {**self._acc, "image_passes": self._image_passes}
+        if not self.world.on:
+            return a
+        keys = ("loss", "n", "grad_l1", "clean_correct", "clean_n", "adv_correct", "adv_n", "image_passes")
+        summed = self.world.sum(torch.stack([torch.as_tensor(a[k], dtype=torch.float64, device=self.device)
+                                             for k in keys]))
+        out = dict(zip(keys, summed))
+        for k in ("n", "clean_n", "adv_n", "image_passes"):
+            out[k] = int(out[k])
+        bad = torch.where(a["finite"], torch.iinfo(torch.long).max, a["first_bad"])
+        first_bad = self.world.min(bad)
+        finite = bool(first_bad == torch.iinfo(torch.long).max)
+        return {**out, "finite": finite, "first_bad": first_bad}
+
     def run_epoch(self) -> dict:
         """One epoch (the next one, `self.epoch`) without checkpointing or callbacks; returns its metrics. `fit`
         calls it; the benchmark (benchmarks/bench.py) times it."""
@@ -287,16 +415,20 @@ class Trainer:
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(self.loader):
             self._batch = epoch * n_batches + i
+            if self.world.on:
+                self._global_n, self._shard = len(y), self.world.shard(len(y))
+                self._loss_scale = self.world.loss_scale(len(y), self._shard.stop - self._shard.start)
+                x, y = x[self._shard], y[self._shard]
             faults.fires("train.batch")
             self.method.step(self, x, y)
-            if (i + 1) % report_every == 0 and i + 1 < n_batches:
+            if (i + 1) % report_every == 0 and i + 1 < n_batches and self.world.main:
                 rate = (i + 1) * self.tr["batch_size"] / (time.perf_counter() - t0)
                 self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  batch {i + 1}/{n_batches}  "
                          f"{rate:.0f} img/s")
         if dev.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        a = self._acc
+        a = self.agree_epoch()
         if not bool(a["finite"]):
             kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"
                     if self.epoch else f"no epoch of these settings had completed (the checkpoints of other "
@@ -312,13 +444,17 @@ class Trainer:
             "grad_l1": a["grad_l1"].item(),
             "attack_steps": steps_in_use,
             # forward+backward work in minibatch equivalents: PGD-K costs K + 1 per batch, TRADES-K costs K + 2
-            "passes": round(self._image_passes / self.tr["batch_size"], 3),
+            "passes": round(a["image_passes"] / self.tr["batch_size"], 3),
             "optimizer_steps": self._steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "seconds": seconds,
             "images_per_s": a["n"] / seconds if seconds > 0 else math.nan,
         }
         metrics.update(self.method.end_epoch(self, epoch, metrics))
+        if self.world.on and not self.world.all_true(self.stop_reason is None, dev):
+            self.stop_reason = self.stop_reason or "another rank stopped training"
+        if self.val is not None and self.world.main:  # only the main rank writes the model file it selects
+            metrics.update(self.validate(epoch))
         pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
         self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  loss {metrics['loss']:.4f}  "
                  f"clean {pct(metrics['clean_acc'])}  adv {pct(metrics['adv_acc'])}  |grad|_1 {metrics['grad_l1']:.4g}  "

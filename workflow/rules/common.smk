@@ -29,12 +29,14 @@ def load_params():
 
 PARAMS = load_params()
 config.update(PARAMS.raw)
-RUNS = PARAMS.runs
+RUNS = PARAMS.runs  # (method, dataset) pairs; each runs once per seed of SEEDS
+SEEDS = PARAMS.seeds
 
 
 wildcard_constraints:
     method="|".join(sorted(METHODS)),
     dataset="|".join(sorted(PARAMS.data["datasets"])),
+    seed=r"\d+",
 
 
 def needs_teacher(wildcards):
@@ -56,4 +58,28 @@ def settings(*keys):
 
 def pattern(template, **fixed):
     """A paths.py template as a Snakemake pattern: its {fields} become wildcards unless fixed here."""
-    return template.format(**{k: fixed.get(k, "{" + k + "}") for k in ("method", "dataset", "stage", "name")})
+    return template.format(**{k: fixed.get(k, "{" + k + "}") for k in ("method", "dataset", "seed", "stage", "name")})
+
+
+# --- resources: what a job asks of a cluster (workflow/profiles/slurm); locally only `threads` counts ----------------
+# The defaults suit CIFAR-size runs on one GPU node; a cluster's profile or `--set-resources RULE:KEY=VALUE` changes
+# them without editing a rule. Training and evaluation take GPUs when training.device is `cuda`: training one per
+# rank (training.devices; `advtrain train` relaunches itself under torchrun), evaluation one when evaluation.device is.
+CPUS_PER_RANK = 4  # data-loading and attack bookkeeping threads per GPU rank
+CPU_JOB_THREADS = 8  # torch's CPU kernels gain little beyond this on these small models
+BIG = dict(mem_mb=16000, runtime=24 * 60)
+SMALL = dict(mem_mb=2000, runtime=30)
+
+
+def gpus(wildcards, teacher=False, evaluation=False):
+    """GPUs of a training job (one per rank) or an evaluation job (one), when its device setting is `cuda`."""
+    cfg = (PARAMS.teacher_config if teacher else PARAMS.resolve)(wildcards.method, wildcards.dataset, int(wildcards.seed))
+    if evaluation:
+        return int(cfg.evaluation["device"] == "cuda")
+    return cfg.training["devices"] if cfg.training["device"] == "cuda" else 0
+
+
+def rank_threads(wildcards, teacher=False, evaluation=False):
+    """A GPU job: CPUS_PER_RANK per GPU. A CPU job: every core up to CPU_JOB_THREADS (2 cores: one job at a time)."""
+    n = gpus(wildcards, teacher, evaluation)
+    return CPUS_PER_RANK * n if n else min(workflow.cores, CPU_JOB_THREADS)

@@ -1,17 +1,35 @@
 rule evaluate:
-    """Clean accuracy, PGD-k, CW-k and AutoAttack on the test set."""
+    """Clean accuracy, PGD-k, CW-k and AutoAttack on the test set, for one seed's model."""
     input:
         model=pattern(paths.MODEL),
         test=pattern(paths.PREPARED) + "/test.pt",
         meta=pattern(paths.PREPARED) + "/meta.json",
     output:
-        result=pattern(paths.RESULT),
+        result=pattern(paths.SEED_RESULT),
     params:
         evaluation=settings("evaluation"),
         dataset=settings("datasets", "{dataset}"),
         method=settings("methods", "{method}"),
     log:
-        pattern(paths.LOG, stage="evaluate", name="{method}_{dataset}"),
-    threads: workflow.cores
+        pattern(paths.LOG, stage="evaluate", name="{method}_{dataset}_seed{seed}"),
+    threads: lambda wc: rank_threads(wc, evaluation=True)
+    resources:
+        gpu=lambda wc: gpus(wc, evaluation=True),
+        cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
+        **BIG,
     shell:
-        "advtrain --log {log} evaluate {wildcards.method} {wildcards.dataset}"
+        "advtrain --log {log} evaluate {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"
+
+
+rule aggregate:
+    """A (method, dataset) over the seeds of runs.seeds: mean, std and 95% intervals (results/METHOD_DATASET.json)."""
+    input:
+        results=lambda wc: [str(paths.seed_result_path(wc.method, wc.dataset, s)) for s in SEEDS],
+    output:
+        result=pattern(paths.RESULT),
+    log:
+        pattern(paths.LOG, stage="aggregate", name="{method}_{dataset}"),
+    resources:
+        **SMALL,
+    shell:
+        "advtrain --log {log} aggregate {wildcards.method} {wildcards.dataset}"

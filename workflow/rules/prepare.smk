@@ -8,5 +8,7 @@ rule prepare:
         source=settings("datasets", "{dataset}", "source"),
     log:
         pattern(paths.LOG, stage="prepare", name="{dataset}"),
+    resources:
+        **SMALL,
     shell:
         "advtrain --log {log} prepare {wildcards.dataset}"

@@ -2,12 +2,11 @@ def train_inputs(wildcards):
     prepared = paths.prepared_dir(wildcards.dataset)
     inputs = {"train": f"{prepared}/train.pt", "meta": f"{prepared}/meta.json"}
     if needs_teacher(wildcards):  # a teacher-based method learns from its pretrained teacher
-        inputs["teacher"] = str(paths.teacher_path(wildcards.method, wildcards.dataset))
+        inputs["teacher"] = str(paths.teacher_path(wildcards.method, wildcards.dataset, wildcards.seed))
     return inputs
 
 
 TRAIN_SETTINGS = dict(
-    seed=settings("seed"),
     training=settings("training"),
     dataset=settings("datasets", "{dataset}"),
     method=settings("methods", "{method}"),
@@ -26,14 +25,18 @@ rule pretrain:
     params:
         **TRAIN_SETTINGS,
     log:
-        pattern(paths.LOG, stage="pretrain", name="{method}_{dataset}"),
-    threads: workflow.cores
+        pattern(paths.LOG, stage="pretrain", name="{method}_{dataset}_seed{seed}"),
+    threads: lambda wc: rank_threads(wc, teacher=True)
+    resources:
+        gpu=lambda wc: gpus(wc, teacher=True),
+        cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
+        **BIG,
     shell:
-        "advtrain --log {log} pretrain {wildcards.method} {wildcards.dataset}"
+        "advtrain --log {log} pretrain {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"
 
 
 rule train:
-    """Adversarial training of one method on one dataset. Resumes from its checkpoint (paths.CHECKPOINT)."""
+    """Adversarial training of one method on one dataset with one seed. Resumes from its checkpoint."""
     input:
         unpack(train_inputs),
     output:
@@ -42,7 +45,11 @@ rule train:
     params:
         **TRAIN_SETTINGS,
     log:
-        pattern(paths.LOG, stage="train", name="{method}_{dataset}"),
-    threads: workflow.cores  # one training at a time: it uses every core (or the one GPU)
+        pattern(paths.LOG, stage="train", name="{method}_{dataset}_seed{seed}"),
+    threads: rank_threads
+    resources:
+        gpu=gpus,
+        cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
+        **BIG,
     shell:
-        "advtrain --log {log} train {wildcards.method} {wildcards.dataset}"
+        "advtrain --log {log} train {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"

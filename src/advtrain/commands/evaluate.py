@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from ..checkpoint import load_classifier
 from ..config import Params
 from ..console import log
+from ..summary import summarise
 from ..evaluate import evaluate, fingerprint
-from ..io import write_json
+from ..external import load_external
+from ..io import sha256_file, write_json
 from ..models import MODELS
 from ..locking import exclusive
-from ..paths import eval_done_path, eval_state_path, model_path, prepared_dir, result_path, run_lock
+from ..paths import eval_done_path, eval_state_path, model_path, prepared_dir, result_path, run_lock, seed_result_path
 from ..prepared import load_split
 from ..provenance import versions
 from ..robustbench import model_info
@@ -23,14 +26,14 @@ from ..tracking import log_result
 from ..trainer import pick_device
 
 
-def run(params: Params, method: str, dataset: str) -> dict:
-    cfg = params.resolve(method, dataset)
+def run(params: Params, method: str, dataset: str, seed: int | None = None) -> dict:
+    cfg = params.resolve(method, dataset, seed)
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
         return _run(cfg, method, dataset)
 
 
 def _run(cfg, method: str, dataset: str) -> dict:
-    mpath = model_path(method, dataset)
+    mpath = model_path(method, dataset, cfg.seed)
     meta, model = load_classifier(mpath, cfg.info, expect={"method": cfg.method, "dataset": cfg.dataset,
                                                            "model": cfg.model})
     model.use_channels_last(cfg.training["channels_last"] is not False)  # same numbers, faster (see trainer.py)
@@ -39,31 +42,67 @@ def _run(cfg, method: str, dataset: str) -> dict:
     n = min(ev["n_points"] or len(labels), len(labels))
     x, y = images[:n].float().div(255), labels[:n]
     device = pick_device(ev["device"])
-    key = fingerprint(mpath, cfg.eps, ev, cfg.seed, n)
-    rpath, done = result_path(method, dataset), eval_done_path(cfg.name, key)
+    key = fingerprint(mpath, cfg.eps, ev, cfg.seed, n, cfg.threat_model)
+    rpath, done = seed_result_path(method, dataset, cfg.seed), eval_done_path(cfg.name, key)
     if done.exists():
         record = json.loads(done.read_text())
         log(f"[evaluate] {cfg.name}: this model was evaluated with these settings before: publishing that result "
             f"({done})")
         return publish(cfg, record, rpath)
-    log(f"[evaluate] {cfg.name}: {n} test points, eps {cfg.eps:.4g}, AutoAttack {ev['autoattack']}, on {device}")
+    log(f"[evaluate] {cfg.name}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, AutoAttack {ev['autoattack']}, "
+        f"on {device}")
     t0 = time.perf_counter()
     spath = eval_state_path(cfg.name, key)
-    res = evaluate(model, x, y, cfg.eps, ev, cfg.seed, device, log, state_path=spath, key=key)
+    res = evaluate(model, x, y, cfg.eps, ev, cfg.seed, device, log, state_path=spath, key=key,
+                   norm=cfg.threat_model)
     architecture = MODELS[meta["model"]].architecture(meta["model_kwargs"])
     record = {
-        "method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "threat_model": "Linf", "eps": cfg.eps,
-        **res,
+        "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "model": cfg.model,
+        "threat_model": cfg.threat_model, "eps": cfg.eps, **res,
         "train": meta.get("train", {}),
+        "selection": meta.get("selection"),
         "eval_seconds": time.perf_counter() - t0,
         "mlflow_run_key": meta.get("mlflow_run_key"),
         "versions": versions(),
         "class_names": data_meta.get("classes"),
-        "robustbench": model_info(cfg.method, cfg.dataset, cfg.eps, architecture, res, len(labels)),
+        "robustbench": model_info(cfg.method, cfg.dataset, cfg.threat_model, cfg.eps, architecture, res, len(labels)),
     }
     write_json(done, record)
     spath.unlink(missing_ok=True)
     return publish(cfg, record, rpath)
+
+
+def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str = "dataset",
+                 name: str | None = None) -> dict:
+    """A checkpoint trained elsewhere, evaluated with the dataset's settings: the same stages, the same result JSON
+    (results/NAME_DATASET.json, a run of one seed), and a row of the report when its dataset is reported."""
+    cfg = params.resolve("standard", dataset)  # the dataset's eps, threat model and evaluation settings
+    cfg.evaluation = params.dataset_evaluation(dataset)
+    name = name or f"external-{Path(file).stem}"
+    model = load_external(file, arch, cfg.info, normalize)
+    model.use_channels_last(cfg.training["channels_last"] is not False)
+    images, labels, data_meta = load_split(prepared_dir(dataset), "test")
+    ev = cfg.evaluation
+    n = min(ev["n_points"] or len(labels), len(labels))
+    device = pick_device(ev["device"])
+    log(f"[evaluate] {name} ({arch}, {file}) on {dataset}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, "
+        f"AutoAttack {ev['autoattack']}, on {device}")
+    t0 = time.perf_counter()
+    res = evaluate(model, images[:n].float().div(255), labels[:n], cfg.eps, ev, cfg.seed, device, log,
+                   norm=cfg.threat_model)
+    record = {
+        "method": name, "dataset": dataset, "seed": cfg.seed, "model": arch, "threat_model": cfg.threat_model,
+        "eps": cfg.eps, **res, "train": {}, "selection": None, "eval_seconds": time.perf_counter() - t0,
+        "external": {"file": str(file), "sha256": sha256_file(file), "arch": arch, "normalize": normalize},
+        "versions": versions(), "class_names": data_meta.get("classes"),
+        "robustbench": model_info(name, dataset, cfg.threat_model, cfg.eps, arch, res, len(labels)),
+    }
+    record = summarise([cfg.seed], [record])
+    out = result_path(name, dataset)
+    write_json(out, record)
+    log(f"[evaluate] {name}: clean {100 * res['clean_acc']:.2f}%, robust (min over attacks) "
+        f"{100 * res['robust_acc']:.2f}% -> {out}")
+    return record
 
 
 def publish(cfg, record: dict, rpath) -> dict:

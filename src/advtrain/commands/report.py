@@ -1,12 +1,13 @@
 """`advtrain report`: the HTML and Markdown report over every configured run, also logged as an MLflow run."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import Params
 from ..console import log
 from ..errors import UserError
-from ..paths import result_path
+from ..paths import RESULT, result_path
 from ..report import build_report
 from ..tracking import Tracker
 
@@ -18,8 +19,13 @@ def run(params: Params, out: str) -> None:
     if missing:
         raise UserError(f"missing results: {', '.join(missing)}: run `snakemake --cores 2 reports/report.html` "
                         "(or `dvc repro`) to compute them")
-    html, md = build_report(runs, Path(out))
-    log(f"[report] {len(runs)} runs -> {html}, {md}")
+    # models trained elsewhere and evaluated on a reported dataset (`advtrain evaluate --model`) join as rows
+    datasets = {d for _, d in runs}
+    ours = {result_path(m, d) for m, d in runs}
+    extra = sorted(p for p in Path(RESULT).parent.glob("*.json") if p not in ours
+                   and (r := json.loads(p.read_text())).get("external") and r.get("dataset") in datasets)
+    html, md = build_report(runs, Path(out), extra)
+    log(f"[report] {len(runs)} runs{f' and {len(extra)} external model(s)' if extra else ''} -> {html}, {md}")
     tracker = Tracker(params.data["tracking"]["experiment"], log=log)
     if tracker.open_run("report", "report", tags={"kind": "report"}):
         tracker.log_artifacts([html, md])

@@ -7,13 +7,13 @@ import json
 from ..config import Params
 from ..console import log
 from ..errors import UserError
-from ..paths import result_path, train_metrics_path
+from ..paths import seed_result_path, train_metrics_path
 from ..tracking import Tracker, log_result, run_title, tracking_uri
 
 
-def run(params: Params, method: str, dataset: str) -> None:
-    cfg = params.resolve(method, dataset)
-    mpath = train_metrics_path(method, dataset)
+def run(params: Params, method: str, dataset: str, seed: int | None = None) -> None:
+    cfg = params.resolve(method, dataset, seed)
+    mpath = train_metrics_path(method, dataset, cfg.seed)
     if not mpath.exists():
         raise UserError(f"{mpath}: no local training record to log: train it first (`advtrain train "
                         f"{method} {dataset}`)")
@@ -29,7 +29,7 @@ def run(params: Params, method: str, dataset: str) -> None:
     tracker.log_totals(metrics["totals"], len(metrics["epochs"]))
     tracker.log_artifacts([mpath])
     tracker.finish()
-    rpath = result_path(method, dataset)
+    rpath = seed_result_path(method, dataset, cfg.seed)
     if rpath.exists():
         log_result(cfg, json.loads(rpath.read_text()), rpath, log)
     log(f"[sync] {cfg.name}: {len(metrics['epochs'])} epochs{' and the evaluation' if rpath.exists() else ''} "

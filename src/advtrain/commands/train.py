@@ -2,11 +2,18 @@
 train or resume one configuration, then write its model file and metrics JSON, logged to MLflow."""
 from __future__ import annotations
 
+import os
+import shlex
+import sys
 from pathlib import Path
 
-from ..checkpoint import load_classifier, save_model
+import torch
+
+from ..checkpoint import cpu_state, load_classifier, save_model
 from ..config import Params, RunConfig
 from ..console import log
+from ..distributed import World
+from ..errors import UserError
 from ..io import write_json
 from ..methods import METHODS
 from ..locking import exclusive
@@ -18,31 +25,64 @@ from ..tracking import TrainingTracker, tracking_uri
 from ..trainer import Trainer
 
 
-def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
+def relaunch_under_torchrun(devices: int, device: str, argv: list[str]) -> None:
+    """`training.devices` > 1 outside torchrun: replace this process by torchrun running the same command on that
+    many ranks of this machine (on several nodes, start torchrun yourself: the world is then torchrun's)."""
+    if device != "cpu":
+        visible = torch.cuda.device_count()  # auto with no GPU: gloo ranks on the CPU
+        if (device == "cuda" or visible) and visible < devices:
+            raise UserError(f"training.devices is {devices} but {visible} CUDA GPUs are visible: lower "
+                            "training.devices or expose more GPUs (CUDA_VISIBLE_DEVICES)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+           "-m", "advtrain", *argv]
+    log(f"[train] training.devices = {devices}: {shlex.join(cmd)}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
+def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None,
+        argv: list[str] | None = None) -> None:
+    world = World()
+    if cfg.training["devices"] > 1 and not world.launched:
+        relaunch_under_torchrun(cfg.training["devices"], cfg.training["device"], argv or sys.argv[1:])
+    if not world.main:  # the ranks beside the main one train and write nothing (the main one holds the lock)
+        return _fit(cfg, out_model, out_metrics, restart, kind, teacher, world)
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
-        _fit(cfg, out_model, out_metrics, restart, kind, teacher)
+        _fit(cfg, out_model, out_metrics, restart, kind, teacher, world)
 
 
-def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher) -> None:
+def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher, world: World) -> None:
     images, labels, meta = load_split(prepared_dir(cfg.dataset), "train")
-    tracker = TrainingTracker(cfg.experiment, log=log)
+    tracker = TrainingTracker(cfg.experiment, log=log) if world.main else None
     ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
-    trainer = Trainer(cfg, images, labels, ckpt, callbacks=[tracker], log=log, teacher=teacher)
+    rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
+    trainer = Trainer(cfg, images, labels, ckpt, callbacks=[tracker] if tracker else [], log=rank_log,
+                      teacher=teacher, world=world)
     try:
         history = trainer.fit(resume=not restart)
     except BaseException as e:
-        tracker.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if tracker:
+            tracker.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        world.stop()
+    if not world.main:
+        return
     totals = {"seconds": sum(h["seconds"] for h in history), "passes": sum(h["passes"] for h in history),
               "optimizer_steps": sum(h["optimizer_steps"] for h in history), "epochs": len(history)}
+    state, selection = trainer.selected()
     model_meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
-                  "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"], "eps": cfg.eps,
-                  "fingerprint": cfg.train_fingerprint(), "mlflow_run_key": trainer.run_key, "train": totals,
+                  "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"],
+                  "threat_model": cfg.threat_model, "eps": cfg.eps, "fingerprint": cfg.train_fingerprint(),
+                  "mlflow_run_key": trainer.run_key, "train": totals, "selection": selection,
                   "stop_reason": trainer.stop_reason, "data_sha256": meta["sha256"]["train.pt"]}
-    save_model(out_model, trainer.model, model_meta, kind=kind, teacher=getattr(trainer.method, "teacher", None))
+    teacher = getattr(trainer.method, "teacher", None)
+    save_model(out_model, state, model_meta, kind=kind, teacher=None if teacher is None else cpu_state(teacher))
     write_json(out_metrics, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
                              "params": cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16,
-                             "totals": totals, "stop_reason": trainer.stop_reason, "mlflow_run_id": trainer.run_id,
+                             "totals": totals, "selection": selection, "stop_reason": trainer.stop_reason,
+                             "mlflow_run_id": trainer.run_id,
                              "mlflow_run_key": trainer.run_key, "mlflow_tracking_uri": tracking_uri(),
                              "versions": versions(), "epochs": history})
     tracker.log_totals(totals, len(history))
@@ -51,21 +91,25 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
     tracker.log_artifacts([out_metrics])
     tracker.finish()
     log(f"[train] {cfg.name}: {totals['epochs']} epochs, {totals['passes']:g} forward/backward passes, "
-        f"{totals['seconds']:.1f}s -> {out_model}")
+        f"{totals['seconds']:.1f}s; the model file holds {selection['why']} -> {out_model}")
 
 
 def load_teacher(cfg: RunConfig):
     """The pretrained teacher of a teacher-based run."""
-    path = teacher_path(cfg.method, cfg.dataset)
+    path = teacher_path(cfg.method, cfg.dataset, cfg.seed)
     return load_classifier(path, cfg.info, expect={"dataset": cfg.dataset}, kind="teacher")[1]
 
 
-def train(params: Params, method: str, dataset: str, restart: bool = False) -> None:
-    cfg = params.resolve(method, dataset)
+def train(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
+          argv: list[str] | None = None) -> None:
+    cfg = params.resolve(method, dataset, seed)
     teacher = load_teacher(cfg) if METHODS[method].needs_teacher else None
-    fit(cfg, model_path(method, dataset), train_metrics_path(method, dataset), restart, teacher=teacher)
+    fit(cfg, model_path(method, dataset, cfg.seed), train_metrics_path(method, dataset, cfg.seed), restart,
+        teacher=teacher, argv=argv)
 
 
-def pretrain(params: Params, method: str, dataset: str, restart: bool = False) -> None:
-    cfg = params.teacher_config(method, dataset)
-    fit(cfg, teacher_path(method, dataset), teacher_metrics_path(method, dataset), restart, kind="teacher")
+def pretrain(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
+             argv: list[str] | None = None) -> None:
+    cfg = params.teacher_config(method, dataset, seed)
+    fit(cfg, teacher_path(method, dataset, cfg.seed), teacher_metrics_path(method, dataset, cfg.seed), restart,
+        kind="teacher", argv=argv)

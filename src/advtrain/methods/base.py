@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..attacks import ball
+
 
 class Method:
     name: ClassVar[str]
@@ -22,6 +24,8 @@ class Method:
     # A method that learns from a teacher trained on clean data: the `pretrain` stage trains that teacher first
     # (teacher_recipe says how), and the trainer hands it over (attach_teacher).
     needs_teacher: ClassVar[bool] = False
+    threat_models: ClassVar[tuple[str, ...]] = ("Linf",)  # the balls this method has a form for
+    selection_metric: ClassVar[str] = "val_pgd_acc"  # what `training.select: best` maximises over the epochs
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -29,6 +33,7 @@ class Method:
         self.eps = cfg.eps
         self.alpha = self.p.get("alpha") or cfg.alpha
         self.holdout = self.held_out(self.p)
+        self.ball = ball(cfg.threat_model, cfg.eps)
 
     @classmethod
     def held_out(cls, params: dict) -> int:
@@ -47,6 +52,7 @@ class Method:
     def setup(self, trainer) -> None:
         """Called once the trainer has its model and data (subclasses call super().setup(trainer) first)."""
         self.device = trainer.device
+        self.world = trainer.world  # under torchrun: a per-example state or an epoch's count spans the ranks
 
     def data_passes(self, epochs: int) -> int:
         """How many passes over the data `training.epochs` means for this method (FREE-m: epochs / m)."""

@@ -27,7 +27,7 @@ class DEAT(MagnitudeDriven, Method):
 
     def step(self, trainer, x, y):
         r, a = self.rule.count, self.step_size()
-        x_adv = uniform_start(x, self.eps)  # a fresh start for every minibatch (FREE keeps one)
+        x_adv = uniform_start(x, self.eps, trainer.noise(x))  # a fresh start for every minibatch (FREE keeps one)
         for i in range(r):
             logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y), within_batch=(i + 1) / r,
                                           measure=i == r - 1)

@@ -55,7 +55,7 @@ class DYNAT(Method):
         labels = t_logits.detach().argmax(1)  # the dynamic labels: recomputed every step, never the ground truth
         model, steps = trainer.model, self.attack_steps()
         with trainer.attack_mode("eval"):
-            x_adv = project_box(x + 0.001 * torch.randn_like(x), x, self.eps)
+            x_adv = project_box(x + 0.001 * trainer.normal_noise(x), x, self.eps)
             for _ in range(steps):
                 x_adv.requires_grad_(True)
                 with trainer.autocast():
@@ -78,7 +78,8 @@ class DYNAT(Method):
         self._seen = 0
 
     def end_epoch(self, trainer, epoch, metrics):
-        out = {"label_agreement": self._agree.item() / max(1, self._seen)}
+        agree, seen = self.world.sum(torch.stack([self._agree, torch.tensor(self._seen, device=self.device)])).tolist()
+        out = {"label_agreement": agree / max(1, seen)}
         if trainer.holdout is not None:
             x, y = trainer.holdout
             self.teacher.eval()

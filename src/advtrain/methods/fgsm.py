@@ -32,7 +32,8 @@ class FGSM(Method):
 
     def step(self, trainer, x, y):
         with trainer.attack_mode(self.p["attack_mode"]):
-            x_adv = pgd(trainer.model, x, y, self.eps, self.p["step"] * self.eps, steps=1, autocast=trainer.autocast)
+            x_adv = pgd(trainer.model, x, y, self.eps, self.p["step"] * self.eps, steps=1, autocast=trainer.autocast,
+                        noise=trainer.noise(x))
         trainer.count_passes(1, len(x))
         logits, loss = trainer.update(x_adv, lambda logits: F.cross_entropy(logits, y))
         trainer.record(loss, adv=(logits, y))

@@ -45,7 +45,9 @@ class Free(Method):
         self.delta[: len(x)] = delta.detach()
 
     def state_dict(self) -> dict:
-        return {"delta": None if self.delta is None else self.delta.detach().cpu()}
+        # under torchrun each rank holds its shard's rows: the checkpoint holds the global batch's
+        return {"delta": None if self.delta is None else self.world.gather(self.delta.detach()).cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.delta = None if state["delta"] is None else state["delta"].to(self.device)
+        delta = state["delta"]
+        self.delta = None if delta is None else delta[self.world.shard(len(delta))].to(self.device)

@@ -13,6 +13,7 @@ from .base import Method
 
 class PGD(Method):
     name = "pgd"
+    threat_models = ("Linf", "L2")
     params = {"steps": integer(0), "fraction": number(0, 1), "alpha": optional(number(0, 1, lo_open=True)),
               "attack_mode": choice("eval", "train")}
     defaults = {"steps": 10, "fraction": 1.0, "alpha": None, "attack_mode": "eval"}
@@ -29,7 +30,8 @@ class PGD(Method):
         x_adv, y_adv = x[n_clean:], y[n_clean:]
         if steps and len(x_adv):
             with trainer.attack_mode(self.p["attack_mode"]):
-                x_adv = pgd(trainer.model, x_adv, y_adv, self.eps, self.step_size(), steps, autocast=trainer.autocast)
+                x_adv = pgd(trainer.model, x_adv, y_adv, self.eps, self.step_size(), steps, autocast=trainer.autocast,
+                            norm=self.ball.norm, noise=trainer.noise(x_adv))
             trainer.count_passes(steps, len(x_adv))
 
         f = (len(x) - n_clean) / len(x)  # the share really attacked (a last, odd-sized batch rounds)

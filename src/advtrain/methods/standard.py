@@ -11,6 +11,8 @@ from .base import Method
 
 class Standard(Method):
     name = "standard"
+    threat_models = ("Linf", "L2")  # it never attacks
+    selection_metric = "val_clean_acc"
     held_out_key = "holdout"
     params = {"holdout": integer(0)}
     defaults = {"holdout": 0}

@@ -6,7 +6,6 @@ KL(f(x) || f(x_adv)), box/project each step. Outer, in train mode: two forwards,
 import torch
 import torch.nn.functional as F
 
-from ..attacks import project_box
 from ..schema import integer, number, optional
 from .base import Method
 
@@ -15,24 +14,25 @@ def kl(logits_adv: torch.Tensor, probs_clean: torch.Tensor, reduction: str = "ba
     return F.kl_div(F.log_softmax(logits_adv, dim=1), probs_clean, reduction=reduction)
 
 
-def trades_attack(trainer, x, eps, alpha, steps):
+def trades_attack(trainer, x, threat, alpha, steps):
     model = trainer.model
     with trainer.attack_mode("eval"):
         with torch.no_grad(), trainer.autocast():
             p_clean = F.softmax(model(x).float(), dim=1)
-        x_adv = project_box(x + 0.001 * torch.randn_like(x), x, eps)
+        x_adv = threat.project(x + 0.001 * trainer.normal_noise(x), x)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with trainer.autocast():
                 logits = model(x_adv)
             grad, = torch.autograd.grad(kl(logits.float(), p_clean, "sum"), x_adv)
-            x_adv = project_box(x_adv.detach() + alpha * grad.sign(), x, eps)
+            x_adv = threat.project(threat.ascend(x_adv.detach(), grad, alpha), x)
     trainer.count_passes(steps, len(x))
     return x_adv.detach()
 
 
 class TRADES(Method):
     name = "trades"
+    threat_models = ("Linf", "L2")
     params = {"beta": number(0), "steps": integer(0), "alpha": optional(number(0, 1, lo_open=True))}
     defaults = {"beta": 6.0, "steps": 10, "alpha": None}
 
@@ -43,7 +43,7 @@ class TRADES(Method):
         return self.alpha
 
     def step(self, trainer, x, y):
-        x_adv = trades_attack(trainer, x, self.eps, self.step_size(), self.attack_steps())
+        x_adv = trades_attack(trainer, x, self.ball, self.step_size(), self.attack_steps())
         beta = self.p["beta"]
         with trainer.autocast():
             clean = trainer.model(x).float()  # train mode; its backward happens with update's

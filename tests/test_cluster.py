@@ -1,0 +1,170 @@
+"""The workflow on a real SLURM cluster through Snakemake's executor plugin: Debian's slurmctld, slurmd and munge
+(22.05), started here as one node on 127.0.0.1 with every file in a temporary folder, and stopped afterwards."""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, env, make_project, run
+
+SBIN = ("/usr/sbin", "/usr/bin")
+CONF = """\
+ClusterName=advtrain-test
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={base}/munge/munge.socket
+StateSaveLocation={base}/spool/ctld
+SlurmdSpoolDir={base}/spool/d
+SlurmctldPidFile={base}/run/slurmctld.pid
+SlurmdPidFile={base}/run/slurmd.pid
+SlurmctldLogFile={base}/log/slurmctld.log
+SlurmdLogFile={base}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+SchedulerType=sched/backfill
+MpiDefault=none
+ReturnToService=2
+MinJobAge=300
+SwitchType=switch/none
+MailProg=/bin/true
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+# The tiny jobs on this node: 2 threads each, as the local run (the rules ask cpus_per_task = threads), and less memory
+# than the rules' CIFAR-size defaults, so that two jobs fit at once; no GPUs (training.device is cpu).
+RESOURCES = ["--cores", "2", "--default-resources", "slurm_partition=debug", "runtime=20",
+             "--set-resources", "train:mem_mb=3000", "evaluate:mem_mb=3000", "pretrain:mem_mb=3000"]
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+    if path is None:
+        pytest.fail(f"{name} is missing: `make test` installs Debian's slurmctld, slurmd, slurm-client and munge")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """munged, slurmctld and slurmd as child processes; yields the environment that reaches them (SLURM_CONF)."""
+    if os.geteuid() != 0:
+        pytest.skip("the single-node cluster runs slurmd and munged as root")
+    base = tmp_path_factory.mktemp("slurm")
+    for d in ("munge", "spool/ctld", "spool/d", "log", "run", "bin"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    (base / "munge").chmod(0o755)
+    conf = base / "slurm.conf"
+    mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 ** 20 - 512
+    conf.write_text(CONF.format(base=base, ctld_port=free_port(), slurmd_port=free_port(), cpus=os.cpu_count(),
+                                mem_mb=mem_mb))
+    # snakemake-executor-plugin-slurm-jobstep clears SLURM_* (SLURM_CONF too) before its inner srun; a real cluster
+    # has /etc/slurm/slurm.conf, this one only SLURM_CONF, so its srun gets it back from a wrapper on the PATH
+    srun = base / "bin" / "srun"
+    srun.write_text(f'#!/bin/sh\nexport SLURM_CONF={conf}\nexec {tool("srun")} "$@"\n')
+    srun.chmod(0o755)
+    e = {**env(), "SLURM_CONF": str(conf), "PATH": f"{base / 'bin'}{os.pathsep}{env()['PATH']}"}
+    subprocess.run([tool("mungekey"), "--create", f"--keyfile={base}/munge/munge.key"], check=True)
+    procs = []
+
+    def start(name, argv):
+        log = open(base / "log" / f"{name}.out", "wb")
+        procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=e))
+
+    try:
+        sock = base / "munge" / "munge.socket"
+        # --force: munged wants every folder above its socket world-executable; pytest's temporary root is 0700
+        start("munged", [tool("munged"), "--foreground", "--force", f"--socket={sock}",
+                         f"--key-file={base}/munge/munge.key", f"--pid-file={base}/run/munged.pid",
+                         f"--seed-file={base}/munge/munged.seed"])
+        wait(sock.exists, 20, "munged")
+        start("slurmctld", [tool("slurmctld"), "-D", "-i"])
+        start("slurmd", [tool("slurmd"), "-D", "-N", "localhost"])
+
+        def idle():
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"{p.args[0]} exited ({p.returncode}): see {base}/log")
+            out = subprocess.run([tool("sinfo"), "-h", "-o", "%T"], env=e, capture_output=True, text=True)
+            return out.returncode == 0 and out.stdout.strip() == "idle"
+
+        wait(idle, 60, "the node to be idle")
+        yield {"env": e, "base": base}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def untimed(obj):
+    """A result without what differs between two machines or two runs of the same computation."""
+    skip = {"seconds", "eval_seconds", "seconds_per_attack", "versions", "images_per_s"}
+    if isinstance(obj, dict):
+        return {k: untimed(v) for k, v in obj.items() if k not in skip}
+    if isinstance(obj, list):
+        return [untimed(v) for v in obj]
+    return obj
+
+
+def test_the_tiny_workflow_runs_on_slurm_and_gives_the_local_result(cluster, snakemake_project, tmp_path):
+    proj = make_project(tmp_path / "p")  # the configuration snakemake_project ran locally
+    target = "results/pgd_fashionmnist.json"
+    # SIGKILL on timeout: with a status command that cannot answer, the plugin would wait forever and ignores SIGTERM
+    p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", *RESOURCES,
+                        "--jobs", "2", target], cwd=proj, env=cluster["env"], capture_output=True, text=True,
+                       timeout=1200)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    jobs = set(re.findall(r"SLURM jobid (\d+)", out))
+    # prepare, train and evaluate for each of the two seeds, and the aggregate: each a SLURM job
+    assert len(jobs) == 6, out[-3000:]
+    seen = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T"], env=cluster["env"], capture_output=True,
+                          text=True).stdout
+    assert {line.split()[0] for line in seen.splitlines() if line.endswith("COMPLETED")} >= jobs, seen
+    here = json.loads((proj / target).read_text())
+    local = json.loads((snakemake_project / target).read_text())
+    assert untimed(here) == untimed(local)
+
+
+def test_the_slurm_profile_plans_the_cifar10_graph_with_its_resources(tmp_path):
+    proj = make_project(tmp_path / "plan", {"datasets": {"cifar10": {"training": {"device": "cuda", "devices": 2}}}})
+    out = run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n",
+               "results/deat_cifar10.json"], proj).stdout
+    for rule in ("prepare", "train", "evaluate", "aggregate"):
+        assert re.search(rf"^{rule}\s+\d+$", out, re.M), (rule, out[-3000:])
+    train = out[out.index("rule train:"):].split("\n\n")[0]
+    assert re.search(r"gpu=2\b", train) and re.search(r"mem_mb=\d+", train) and re.search(r"runtime=\d+", train), train
+    assert re.search(r"threads: \d+", train), train

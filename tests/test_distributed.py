@@ -1,0 +1,119 @@
+"""Data-parallel training under torchrun with gloo on the CPU: 2 ranks compute what one process computes, only rank 0
+writes, and a run whose rank is SIGKILLed resumes under torchrun to the uninterrupted run's weights."""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, deep_update, make_project, run
+
+# 2 epochs of PGD-AT and DEAT on 1,000 images of Fashion-MNIST in global batches of 100: 50 per rank. DEAT's gamma
+# is low enough that its replay count grows in epoch 2, so the rule's agreement across ranks is exercised.
+OVERRIDES = {
+    "runs": {"methods": ["pgd", "deat"], "teacher_methods": [], "seeds": [0]},
+    "datasets": {"fashionmnist": {"training": {"epochs": 2, "batch_size": 100, "train_subset": 1000, "val_points": 0,
+                                               "select": "last", "device": "cpu"}}},
+    "methods": {"deat": {"fashionmnist": {"gamma": 0.5, "r_max": 3, "training": {"epochs": 2}}},
+                "pgd": {"fashionmnist": {"steps": 3, "training": {"epochs": 2}}}},
+}
+METHODS = ("pgd", "deat")
+# Float sums in another order (each rank averages its half, then the all-reduce) are the only difference from one
+# process: ~1e-7 of a tensor's norm. PGD's sign steps amplify them (a near-zero input gradient can flip its sign):
+# after 2 epochs of PGD-3, up to ~3e-4 of a tensor's norm, and 5e-4 of the gradient magnitude. DEAT stays at ~1e-7.
+TOLERANCE = 1e-3  # |a - b| / |a| per tensor, and the relative difference of each per-epoch metric
+
+
+def project(tmp: Path, name: str, devices: int, prepared_from: Path | None = None) -> Path:
+    proj = make_project(tmp / name, deep_update(OVERRIDES, {"datasets": {"fashionmnist": {"training": {"devices": devices}}}}))
+    if prepared_from is None:
+        run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
+    else:
+        shutil.copytree(prepared_from / "data", proj / "data")
+    return proj
+
+
+def train(proj: Path, method: str, check: bool = True, fault: str | None = None):
+    extra = {"ADVTRAIN_FAULT": fault, "ADVTRAIN_FAULT_RANK": "1"} if fault else {}
+    return run([str(BIN / "advtrain"), "train", method, "fashionmnist"], proj, check=check, extra_env=extra)
+
+
+def weights(proj: Path, method: str) -> dict:
+    return torch.load(proj / f"models/{method}_fashionmnist_seed0.pt", weights_only=True)["model"]
+
+
+def epochs(proj: Path, method: str) -> list[dict]:
+    return json.loads((proj / f"metrics/train/{method}_fashionmnist_seed0.json").read_text())["epochs"]
+
+
+def files(proj: Path) -> set[str]:
+    skip = (".git", ".dvc", "workflow", "data", "mlruns")  # mlruns/: named by run ids
+    return {str(p.relative_to(proj)) for p in proj.rglob("*") if p.is_file() and p.parts[len(proj.parts)] not in skip}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    one = project(tmp, "one", 1)
+    two = project(tmp, "two", 2, prepared_from=one)
+    out = {}
+    for method in METHODS:
+        train(one, method)
+        out[method] = train(two, method).stdout
+    return one, two, out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_train_what_one_process_trains(runs, method):
+    one, two, stdout = runs
+    assert "torch.distributed.run --standalone --nproc-per-node=2" in stdout[method]  # relaunched by training.devices
+    a, b = weights(one, method), weights(two, method)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= TOLERANCE * a[k].norm(), (method, k, (a[k] - b[k]).norm() / a[k].norm())
+    e1, e2 = epochs(one, method), epochs(two, method)
+    assert len(e1) == len(e2) == 2
+    for m1, m2 in zip(e1, e2):
+        for key in ("loss", "adv_acc", "grad_l1", "passes"):
+            assert m2[key] == pytest.approx(m1[key], rel=TOLERANCE), (method, m1["epoch"], key)
+        assert (m2["attack_steps"], m2["optimizer_steps"]) == (m1["attack_steps"], m1["optimizer_steps"])
+    if method == "deat":
+        assert [m["attack_steps"] for m in e1] == [1, 2]  # the rule raised the replay count after epoch 1
+        # both ranks print each epoch's replay count: identical on both
+        rank0 = re.findall(r"^\[deat_fashionmnist_seed0\] epoch (\d)/2 .* steps (\d+)", stdout[method], re.M)
+        rank1 = re.findall(r"^\[rank 1\] \[deat_fashionmnist_seed0\] epoch (\d)/2 .* steps (\d+)", stdout[method], re.M)
+        assert rank0 == rank1 == [("1", "1"), ("2", "2")]
+
+
+def test_only_rank_0_writes_and_there_is_one_mlflow_run(runs):
+    one, two, _ = runs
+    # the same files as one process's (a second writer would leave its own temporary or log files), and one lock
+    assert files(two) == files(one)
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{two / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("advtrain")
+    for method in METHODS:
+        found = client.search_runs([exp.experiment_id], f"tags.run = '{method}_fashionmnist_seed0'")
+        assert len(found) == 1
+        history = client.get_metric_history(found[0].info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2]
+
+
+def test_a_killed_rank_resumes_under_torchrun_to_the_uninterrupted_weights(runs, tmp_path):
+    _, two, _ = runs
+    proj = project(tmp_path, "killed", 2, prepared_from=two)
+    # rank 1 is SIGKILLed before its 5th minibatch of epoch 2 (10 minibatches per epoch); torchrun stops rank 0
+    p = train(proj, "deat", check=False, fault="train.batch:15")
+    assert p.returncode != 0
+    assert "[fault] SIGKILL at train.batch" in p.stdout
+    assert not (proj / "models/deat_fashionmnist_seed0.pt").exists()
+    p = train(proj, "deat")
+    assert "resuming after epoch 1/2" in p.stdout
+    a, b = weights(two, "deat"), weights(proj, "deat")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    timing = ("seconds", "images_per_s")
+    assert ([{k: v for k, v in m.items() if k not in timing} for m in epochs(proj, "deat")]
+            == [{k: v for k, v in m.items() if k not in timing} for m in epochs(two, "deat")])
