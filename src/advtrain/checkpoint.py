@@ -17,12 +17,17 @@ from .models import build_model
 FORMAT = 1
 
 
-def _load(path: Path, what: str, fix: str) -> dict:
+def read_torch(path: Path, what: str, fix: str):
+    """`torch.load(path, weights_only=True)` on the CPU, or one line saying the file is truncated or corrupt."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {first[:120]}): {fix}") from None
+
+
+def _load(path: Path, what: str, fix: str) -> dict:
+    obj = read_torch(path, what, fix)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise UserError(f"{path}: not an advtrain {what} (format {FORMAT}): {fix}")
     return obj

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import read_torch
 from .errors import UserError
 from .models import MODELS, Classifier
 
@@ -51,12 +52,9 @@ def network(arch: str, info: dict) -> torch.nn.Module:
 def state_dict_of(path: Path) -> dict:
     """The weights in a checkpoint file: a plain state dict, or one under `state_dict` / `model` (DataParallel's
     `module.` prefixes removed)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except Exception as e:  # truncated, corrupt, or not a torch file
-        raise UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    obj = read_torch(path, "checkpoint", "give a state dict saved with torch.save")
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

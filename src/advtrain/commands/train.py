@@ -25,27 +25,28 @@ from ..tracking import TrainingTracker, tracking_uri
 from ..trainer import Trainer
 
 
-def relaunch_under_torchrun(devices: int, device: str, argv: list[str]) -> None:
+def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> None:
     """`training.devices` > 1 outside torchrun: replace this process by torchrun running the same command on that
-    many ranks of this machine (on several nodes, start torchrun yourself: the world is then torchrun's)."""
+    many ranks of this machine (on several nodes, start torchrun yourself: the world is then torchrun's). Called
+    before anything is loaded: the ranks load for themselves."""
+    devices, device = cfg.training["devices"], cfg.training["device"]
+    if devices == 1 or World().launched:
+        return
     if device != "cpu":
         visible = torch.cuda.device_count()  # auto with no GPU: gloo ranks on the CPU
         if (device == "cuda" or visible) and visible < devices:
             raise UserError(f"training.devices is {devices} but {visible} CUDA GPUs are visible: lower "
                             "training.devices or expose more GPUs (CUDA_VISIBLE_DEVICES)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-           "-m", "advtrain", *argv]
+           "-m", "advtrain", *(sys.argv[1:] if argv is None else argv)]
     log(f"[train] training.devices = {devices}: {shlex.join(cmd)}")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, cmd)
 
 
-def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None,
-        argv: list[str] | None = None) -> None:
+def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
     world = World()
-    if cfg.training["devices"] > 1 and not world.launched:
-        relaunch_under_torchrun(cfg.training["devices"], cfg.training["device"], argv or sys.argv[1:])
     if not world.main:  # the ranks beside the main one train and write nothing (the main one holds the lock)
         return _fit(cfg, out_model, out_metrics, restart, kind, teacher, world)
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
@@ -103,13 +104,15 @@ def load_teacher(cfg: RunConfig):
 def train(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
           argv: list[str] | None = None) -> None:
     cfg = params.resolve(method, dataset, seed)
+    relaunch_under_torchrun(cfg, argv)
     teacher = load_teacher(cfg) if METHODS[method].needs_teacher else None
     fit(cfg, model_path(method, dataset, cfg.seed), train_metrics_path(method, dataset, cfg.seed), restart,
-        teacher=teacher, argv=argv)
+        teacher=teacher)
 
 
 def pretrain(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
              argv: list[str] | None = None) -> None:
     cfg = params.teacher_config(method, dataset, seed)
+    relaunch_under_torchrun(cfg, argv)
     fit(cfg, teacher_path(method, dataset, cfg.seed), teacher_metrics_path(method, dataset, cfg.seed), restart,
-        kind="teacher", argv=argv)
+        kind="teacher")
