@@ -32,12 +32,16 @@ def test_repo_params_are_valid_and_resolve():
     (("methods", "pgd", "fraction"), 1.2, "methods.pgd.fraction"),
     (("runs", "methods"), ["pgd", "madry"], "runs.methods[1] must be one of"),
     (("datasets", "cifar10", "model"), "small_cnn", "does not fit cifar10"),  # not even in `runs`
-    (("datasets", "cifar10", "model"), "resnet50", "datasets.cifar10.model must be one of"),
+    (("datasets", "cifar10", "model"), "resnet500", "datasets.cifar10.model must be one of"),
     (("models", "wide_resnet", "depth"), 30, "models.wide_resnet.depth must be 6n+4"),
     (("datasets", "cifar10", "source"), "cifar-10", "datasets.cifar10.source must be one of fashionmnist, cifar10, "
-                                                    "cifar100 (the data sources)"),
+                                                    "cifar100, imagefolder, imagenet (the data sources)"),
+    (("datasets", "cifar10", "augment"), {"resized_crop": [0.08, 1]}, "datasets.cifar10.augment.resized_crop needs a "
+                                                                      "streamed source (imagefolder, imagenet)"),
+    (("datasets", "cifar10", "augment"), {"resized_crop": [0.5, 0.1]}, "datasets.cifar10.augment.resized_crop must "
+                                                                       "be [lo, hi] with 0 < lo <= hi <= 1"),
     (("datasets", "fashionmnist", "model"), "lenet", "datasets.fashionmnist.model must be one of small_cnn, "
-                                                     "preact_resnet18, wide_resnet"),
+                                                     "preact_resnet18, wide_resnet, resnet50"),
     (("methods", "dynat", "teacher_model"), "resnet", "methods.dynat.teacher_model must be one of small_cnn"),
     (("runs", "methods"), ["pgd", "dynat"], "runs.methods: dynat learns from a pretrained teacher: list it under "
                                             "runs.teacher_methods"),

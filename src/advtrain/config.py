@@ -71,7 +71,16 @@ EVALUATION = {
 EVALUATION_DEFAULTS = {"n_points": None, "batch_size": 500, "pgd_steps": 20, "pgd_restarts": 1, "pgd_alpha": None,
                        "cw_steps": 20, "autoattack": "standard", "device": "auto"}
 
-AUGMENT = {"crop": integer(0), "flip": boolean}
+def scale_range(v: Any, key: str) -> list[float]:
+    """[lo, hi]: the share of the image's area a random-resized crop keeps, 0 < lo <= hi <= 1."""
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                        for x in v) and 0 < v[0] <= v[1] <= 1):
+        fail(key, "[lo, hi] with 0 < lo <= hi <= 1 (e.g. [0.08, 1], torchvision's RandomResizedCrop)", v)
+    return [float(x) for x in v]
+
+
+# crop: pad-and-crop by up to this many pixels; resized_crop: random-resized crop (streamed sources only); flip
+AUGMENT = {"crop": integer(0), "flip": boolean, "resized_crop": optional(scale_range)}
 
 
 def source_setting(v: Any, key: str) -> dict:
@@ -296,7 +305,11 @@ class Params:
             for k in ("eps", "alpha"):
                 if ds[k] > 1:
                     fail(f"datasets.{dataset}.{k}", "a number > 0 and <= 1 for the L-inf threat model", ds[k])
-        shape = tuple(self.source(dataset).shape)
+        source = self.source(dataset)
+        if ds.get("augment", {}).get("resized_crop") and not source.streamed:
+            raise ConfigError(f"{self.path}: datasets.{dataset}.augment.resized_crop needs a streamed source "
+                              f"(imagefolder, imagenet); {source.name} is held in memory: use crop and flip")
+        shape = tuple(source.shape)
         if not MODELS[ds["model"]].fits(shape):
             raise ConfigError(f"{self.path}: datasets.{dataset}.model {ds['model']!r} does not fit {dataset}'s "
                               f"{'x'.join(map(str, shape))} images ({MODELS[ds['model']].fits_doc})")

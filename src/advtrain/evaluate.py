@@ -80,10 +80,15 @@ def plan(ev: dict) -> list[Stage]:
 class _AutoAttack:
     """One AutoAttack attack on one batch, through the package's own entry point."""
 
-    def __init__(self, model, eps: float, seed: int, device: torch.device, norm: str = "Linf"):
+    def __init__(self, model, eps: float, seed: int, device: torch.device, norm: str = "Linf", classes: int = 10):
         self.module, self.package, self.bs_key = _autoattack_module()
         self.adversary = self.module.AutoAttack(model, norm=norm, eps=eps, version="standard", seed=seed,
                                                 device=device)
+        # the standard version targets the 9 runner-up classes; with fewer classes there are only classes - 1
+        # (AutoAttack itself then indexes past the logits)
+        targets = min(9, classes - 1)
+        self.adversary.apgd_targeted.n_target_classes = targets
+        self.adversary.fab.n_target_classes = targets
         self.logger = logging.getLogger("auto-attack")
         self.collect = _Collect()
 
@@ -163,7 +168,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         else:
             todo, first = mask.nonzero().squeeze(1), 0
         if stage.family == "aa" and aa is None:
-            aa = _AutoAttack(model, eps, seed, device, norm)
+            with torch.no_grad():
+                classes = model(x[:1].to(device)).shape[1]
+            aa = _AutoAttack(model, eps, seed, device, norm, classes)
         n_batches = (len(todo) + bs - 1) // bs
         t0 = time.perf_counter()
         for bi in range(first, n_batches):

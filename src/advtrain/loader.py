@@ -1,4 +1,5 @@
-"""The training loader for in-memory data: the whole uint8 dataset on the training device, augmented there."""
+"""The training loader for in-memory data: the whole uint8 dataset on the training device, augmented there.
+(stream.py is the one for data that does not fit in memory.)"""
 from __future__ import annotations
 
 import math
@@ -17,14 +18,23 @@ def random_crop(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -
     return xp[batch, :, rows, cols].permute(0, 3, 1, 2)  # advanced indices first: (B, H, W, C) -> (B, C, H, W)
 
 
+def shard_rows(batch: slice, shard) -> slice:
+    """The rows of a global batch (a slice of the epoch) that this rank takes; all of them in one process."""
+    if shard is None:
+        return batch
+    part = shard(batch.stop - batch.start)
+    return slice(batch.start + part.start, batch.start + part.stop)
+
+
 class DeviceLoader:
     """Keeps the whole uint8 dataset on the training device; each epoch draws one permutation and all crop/flip
     choices at once from its own generator (so a resumed run replays the same stream), and yields float [0, 1] batches."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device | str,
                  shuffle: bool = True, crop: int = 0, flip: bool = False, seed: int = 0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, shard=None):
         self.images = images.to(device)
+        self.shard = shard  # under data parallelism: this rank's slice of a global batch (it yields only that)
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.device = torch.device(device)
@@ -44,7 +54,7 @@ class DeviceLoader:
         order, dy, dx, flips = (t.to(self.device, non_blocking=True) if t is not None else None
                                 for t in (order, dy, dx, flips))
         for start in range(0, n, self.batch_size):
-            sl = slice(start, start + self.batch_size)
+            sl = shard_rows(slice(start, min(start + self.batch_size, n)), self.shard)
             idx = order[sl]
             x = self.images[idx]
             if self.crop:
@@ -53,3 +63,27 @@ class DeviceLoader:
             if self.flip:
                 x = torch.where(flips[sl].view(-1, 1, 1, 1), x.flip(3), x)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+    def global_batch(self, i: int) -> int:
+        """The size of global batch i (the last may be short)."""
+        return min(self.batch_size, len(self.labels) - i * self.batch_size)
+
+
+class InMemory:
+    """A prepared in-memory split as training data (stream.ShardedData is the sharded kind): uint8 images and labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def head(self, n: int) -> "InMemory":
+        return InMemory(self.images[:n], self.labels[:n])
+
+    def tensors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[start:stop], self.labels[start:stop]
+
+    def loader(self, batch_size: int, device, augment: dict, seed: int, channels_last: bool, shard=None):
+        return DeviceLoader(self.images, self.labels, batch_size, device, shuffle=True, crop=augment["crop"],
+                            flip=augment["flip"], seed=seed, channels_last=channels_last, shard=shard)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PREPARED = "data/prepared/{dataset}"
+# written last by `prepare` (after train.pt/test.pt, or the shards): it stands for the whole prepared folder
+PREPARED_META = PREPARED + "/meta.json"
 MODEL = "models/{method}_{dataset}_seed{seed}.pt"
 TRAIN_METRICS = "metrics/train/{method}_{dataset}_seed{seed}.json"
 TEACHER = "models/teachers/{method}_{dataset}_seed{seed}.pt"

@@ -18,7 +18,7 @@ from .attacks import predict, worst_case
 from .config import RunConfig
 from .distributed import World
 from .errors import UserError
-from .loader import DeviceLoader
+from .loader import InMemory
 from .methods import METHODS
 from .models import model_for
 
@@ -61,9 +61,11 @@ def lr_at(progress: float, tr: dict) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, train_images: torch.Tensor, train_labels: torch.Tensor,
+    def __init__(self, cfg: RunConfig, data, train_labels: torch.Tensor | None,
                  checkpoint_path: str | Path, callbacks: list[Callbacks] = (), log: Callable[[str], None] = print,
                  teacher: torch.nn.Module | None = None, world: World | None = None):
+        """`data`: the training split, as loader.InMemory / stream.ShardedData (labels None), or uint8 images with
+        their `train_labels`."""
         self.cfg, self.tr = cfg, cfg.training
         self.log = log
         self.callbacks = list(callbacks)
@@ -86,29 +88,31 @@ class Trainer:
         self.epochs = self.method.data_passes(self.tr["epochs"])  # FREE-m makes m replays per pass: epochs / m
         if self.method.needs_teacher and teacher is None:
             raise UserError(f"{cfg.method} needs its teacher: run `advtrain pretrain {cfg.method} {cfg.dataset}` first")
+        if train_labels is not None:
+            data = InMemory(data, train_labels)
         if self.tr["train_subset"]:
-            train_images, train_labels = train_images[: self.tr["train_subset"]], train_labels[: self.tr["train_subset"]]
+            data = data.head(self.tr["train_subset"])
         # Images kept out of training, from the end of the training set: a method's own per-epoch check (FGSM's
         # overfitting guard) and the validation split that model selection uses. Never the test split.
         held = {"holdout": self.method.holdout, "val": self.tr["val_points"]}
         self.holdout = self.val = None
-        for key, n in held.items():
-            if n:
-                part = (train_images[-n:].to(self.device).float().div(255), train_labels[-n:].to(self.device))
-                setattr(self, key, part)
-        if max(held.values()):
-            n = max(held.values())
-            train_images, train_labels = train_images[:-n], train_labels[:-n]
-        if len(train_labels) == 0:  # params.yaml refuses this for sources of known size; here for the others
+        n_held = min(max(held.values()), len(data))
+        if n_held:
+            images, labels = data.tensors(len(data) - n_held, len(data))
+            for key, n in held.items():
+                if n:
+                    setattr(self, key, (images[-n:].to(self.device).float().div(255), labels[-n:].to(self.device)))
+            data = data.head(len(data) - n_held)
+        if len(data) == 0:  # params.yaml refuses this for sources of known size; here for the others
             raise UserError(f"{cfg.name}: no training image left after the {max(held.values())} held out (methods."
                             f"{cfg.method}.{self.method.held_out_key}, training.val_points): keep more training images")
-        last = len(train_labels) % self.tr["batch_size"]
+        last = len(data) % self.tr["batch_size"]
         if self.world.on and 0 < last < self.world.size:
             raise UserError(f"{cfg.name}: the last minibatch holds {last} images, fewer than the {self.world.size} "
                             "ranks: change training.batch_size or training.train_subset")
-        self.loader = DeviceLoader(train_images, train_labels, self.tr["batch_size"], self.device, shuffle=True,
-                                   crop=cfg.augment["crop"], flip=cfg.augment["flip"], seed=cfg.seed,
-                                   channels_last=self.channels_last)
+        self.n_train = len(data)
+        self.loader = data.loader(self.tr["batch_size"], self.device, cfg.augment, cfg.seed, self.channels_last,
+                                  self.world.shard if self.world.on else None)
         self.model = model_for(cfg)
         self.model.to(self.device).use_channels_last(self.channels_last)
         # Under torchrun, `update`'s pass goes through DDP (one gradient all-reduce per optimizer step, overlapped
@@ -301,7 +305,7 @@ class Trainer:
         epochs = self.epochs
         ranks = f" x {self.world.size} ranks" if self.world.on else ""
         self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}{ranks}, bf16={self.use_bf16}, "
-                 f"channels_last={self.channels_last}, {len(self.loader.labels)} images, {len(self.loader)} batches/epoch")
+                 f"channels_last={self.channels_last}, {self.n_train} images, {len(self.loader)} batches/epoch")
         while self.epoch < epochs and self.stop_reason is None:
             metrics = self.run_epoch()
             self.epoch += 1
@@ -413,12 +417,12 @@ class Trainer:
         n_batches = len(self.loader)
         report_every = max(1, n_batches // 4)
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.loader):
+        for i, (x, y) in enumerate(self.loader):  # under torchrun: this rank's part of global batch i
             self._batch = epoch * n_batches + i
             if self.world.on:
-                self._global_n, self._shard = len(y), self.world.shard(len(y))
-                self._loss_scale = self.world.loss_scale(len(y), self._shard.stop - self._shard.start)
-                x, y = x[self._shard], y[self._shard]
+                n = self.loader.global_batch(i)
+                self._global_n, self._shard = n, self.world.shard(n)
+                self._loss_scale = self.world.loss_scale(n, len(y))
             faults.fires("train.batch")
             self.method.step(self, x, y)
             if (i + 1) % report_every == 0 and i + 1 < n_batches and self.world.main:

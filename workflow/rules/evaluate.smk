@@ -2,8 +2,7 @@ rule evaluate:
     """Clean accuracy, PGD-k, CW-k and AutoAttack on the test set, for one seed's model."""
     input:
         model=pattern(paths.MODEL),
-        test=pattern(paths.PREPARED) + "/test.pt",
-        meta=pattern(paths.PREPARED) + "/meta.json",
+        meta=pattern(paths.PREPARED_META),
     output:
         result=pattern(paths.SEED_RESULT),
     params:

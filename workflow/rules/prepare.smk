@@ -1,9 +1,8 @@
 rule prepare:
-    """Fetch the dataset's source (system copy, download or files in place), verify checksums, store uint8 tensors."""
+    """Fetch the dataset's source (system copy, download or files in place), verify checksums, store uint8 tensors
+    (or, for a streamed source, resized shards). meta.json, written last, stands for the folder."""
     output:
-        train=pattern(paths.PREPARED) + "/train.pt",
-        test=pattern(paths.PREPARED) + "/test.pt",
-        meta=pattern(paths.PREPARED) + "/meta.json",
+        meta=pattern(paths.PREPARED_META),
     params:
         source=settings("datasets", "{dataset}", "source"),
     log:

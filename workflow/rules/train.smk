@@ -1,6 +1,5 @@
 def train_inputs(wildcards):
-    prepared = paths.prepared_dir(wildcards.dataset)
-    inputs = {"train": f"{prepared}/train.pt", "meta": f"{prepared}/meta.json"}
+    inputs = {"meta": str(paths.PREPARED_META.format(dataset=wildcards.dataset))}
     if needs_teacher(wildcards):  # a teacher-based method learns from its pretrained teacher
         inputs["teacher"] = str(paths.teacher_path(wildcards.method, wildcards.dataset, wildcards.seed))
     return inputs
@@ -17,8 +16,7 @@ TRAIN_SETTINGS = dict(
 rule pretrain:
     """Clean training of the teacher a teacher-based method learns from (its teacher_recipe: model, epochs)."""
     input:
-        train=pattern(paths.PREPARED) + "/train.pt",
-        meta=pattern(paths.PREPARED) + "/meta.json",
+        meta=pattern(paths.PREPARED_META),
     output:
         model=pattern(paths.TEACHER),
         metrics=pattern(paths.TEACHER_METRICS),

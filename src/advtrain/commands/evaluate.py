@@ -37,10 +37,10 @@ def _run(cfg, method: str, dataset: str) -> dict:
     meta, model = load_classifier(mpath, cfg.info, expect={"method": cfg.method, "dataset": cfg.dataset,
                                                            "model": cfg.model})
     model.use_channels_last(cfg.training["channels_last"] is not False)  # same numbers, faster (see trainer.py)
-    images, labels, data_meta = load_split(prepared_dir(dataset), "test")
+    images, labels, data_meta = load_split(prepared_dir(dataset), "test", cfg.evaluation["n_points"])
     ev = cfg.evaluation
-    n = min(ev["n_points"] or len(labels), len(labels))
-    x, y = images[:n].float().div(255), labels[:n]
+    n, n_test = len(labels), data_meta["n_test"]
+    x, y = images.float().div(255), labels
     device = pick_device(ev["device"])
     key = fingerprint(mpath, cfg.eps, ev, cfg.seed, n, cfg.threat_model)
     rpath, done = seed_result_path(method, dataset, cfg.seed), eval_done_path(cfg.name, key)
@@ -65,7 +65,7 @@ def _run(cfg, method: str, dataset: str) -> dict:
         "mlflow_run_key": meta.get("mlflow_run_key"),
         "versions": versions(),
         "class_names": data_meta.get("classes"),
-        "robustbench": model_info(cfg.method, cfg.dataset, cfg.threat_model, cfg.eps, architecture, res, len(labels)),
+        "robustbench": model_info(cfg.method, cfg.dataset, cfg.threat_model, cfg.eps, architecture, res, n_test),
     }
     write_json(done, record)
     spath.unlink(missing_ok=True)
@@ -81,21 +81,21 @@ def run_external(params: Params, dataset: str, file: str, arch: str, normalize: 
     name = name or f"external-{Path(file).stem}"
     model = load_external(file, arch, cfg.info, normalize)
     model.use_channels_last(cfg.training["channels_last"] is not False)
-    images, labels, data_meta = load_split(prepared_dir(dataset), "test")
+    images, labels, data_meta = load_split(prepared_dir(dataset), "test", cfg.evaluation["n_points"])
     ev = cfg.evaluation
-    n = min(ev["n_points"] or len(labels), len(labels))
+    n, n_test = len(labels), data_meta["n_test"]
     device = pick_device(ev["device"])
     log(f"[evaluate] {name} ({arch}, {file}) on {dataset}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, "
         f"AutoAttack {ev['autoattack']}, on {device}")
     t0 = time.perf_counter()
-    res = evaluate(model, images[:n].float().div(255), labels[:n], cfg.eps, ev, cfg.seed, device, log,
+    res = evaluate(model, images.float().div(255), labels, cfg.eps, ev, cfg.seed, device, log,
                    norm=cfg.threat_model)
     record = {
         "method": name, "dataset": dataset, "seed": cfg.seed, "model": arch, "threat_model": cfg.threat_model,
         "eps": cfg.eps, **res, "train": {}, "selection": None, "eval_seconds": time.perf_counter() - t0,
         "external": {"file": str(file), "sha256": sha256_file(file), "arch": arch, "normalize": normalize},
         "versions": versions(), "class_names": data_meta.get("classes"),
-        "robustbench": model_info(name, dataset, cfg.threat_model, cfg.eps, arch, res, len(labels)),
+        "robustbench": model_info(name, dataset, cfg.threat_model, cfg.eps, arch, res, n_test),
     }
     record = summarise([cfg.seed], [record])
     out = result_path(name, dataset)

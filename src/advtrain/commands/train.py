@@ -19,7 +19,7 @@ from ..methods import METHODS
 from ..locking import exclusive
 from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,
                      train_metrics_path)
-from ..prepared import load_split
+from ..prepared import data_digest, open_split
 from ..provenance import versions
 from ..tracking import TrainingTracker, tracking_uri
 from ..trainer import Trainer
@@ -54,11 +54,11 @@ def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind:
 
 
 def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher, world: World) -> None:
-    images, labels, meta = load_split(prepared_dir(cfg.dataset), "train")
+    data, meta = open_split(prepared_dir(cfg.dataset), "train", cfg.info)
     tracker = TrainingTracker(cfg.experiment, log=log) if world.main else None
     ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
     rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
-    trainer = Trainer(cfg, images, labels, ckpt, callbacks=[tracker] if tracker else [], log=rank_log,
+    trainer = Trainer(cfg, data, None, ckpt, callbacks=[tracker] if tracker else [], log=rank_log,
                       teacher=teacher, world=world)
     try:
         history = trainer.fit(resume=not restart)
@@ -77,7 +77,7 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
                   "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"],
                   "threat_model": cfg.threat_model, "eps": cfg.eps, "fingerprint": cfg.train_fingerprint(),
                   "mlflow_run_key": trainer.run_key, "train": totals, "selection": selection,
-                  "stop_reason": trainer.stop_reason, "data_sha256": meta["sha256"]["train.pt"]}
+                  "stop_reason": trainer.stop_reason, "data_sha256": data_digest(meta, "train")}
     teacher = getattr(trainer.method, "teacher", None)
     save_model(out_model, state, model_meta, kind=kind, teacher=None if teacher is None else cpu_state(teacher))
     write_json(out_metrics, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,

@@ -1,10 +1,11 @@
 """Models by name (see base.py for the contract)."""
 from __future__ import annotations
 
-from . import preact_resnet, small_cnn, wide_resnet
+from . import preact_resnet, resnet50, small_cnn, wide_resnet
 from .base import Classifier, ModelSpec
 
-MODELS: dict[str, ModelSpec] = {s.name: s for s in (small_cnn.SPEC, preact_resnet.SPEC, wide_resnet.SPEC)}
+MODELS: dict[str, ModelSpec] = {s.name: s for s in (small_cnn.SPEC, preact_resnet.SPEC, wide_resnet.SPEC,
+                                                              resnet50.SPEC)}
 
 
 def build_model(name: str, shape: tuple, num_classes: int, mean, std, **params) -> Classifier:

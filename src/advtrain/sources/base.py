@@ -1,8 +1,11 @@
 """The contract between `advtrain prepare` and a data source.
 
 A source knows where a dataset comes from and what it is: image shape, classes, the per-channel mean/std the model's
-normalisation layer uses, the checksums that prove a copy is the published one, and how to read it. `fetch` returns
-both splits as uint8 tensors; `advtrain prepare` (prepared.py) validates them and writes the prepared format.
+normalisation layer uses, the checksums that prove a copy is the published one, and how to read it. Two kinds:
+- in memory (CIFAR, Fashion-MNIST): `fetch` returns both splits as uint8 tensors; `advtrain prepare` (prepared.py)
+  validates them and writes them whole;
+- streamed (`streamed = True`; ImageFolder, ImageNet): `list_files` returns the image files of both splits, and
+  prepare encodes them into shards (shards.py) that training streams (stream.py).
 Adding a dataset = one new file here + one line in SOURCES (sources/__init__.py)."""
 from __future__ import annotations
 
@@ -32,6 +35,15 @@ class Fetched:
     provenance: dict[str, Any] = field(default_factory=dict)  # where it came from and the checksums verified
 
 
+@dataclass
+class Listed:
+    """A streamed source's image files: (path, class index) per split, in a fixed order."""
+    train: list[tuple[str, int]]
+    test: list[tuple[str, int]]
+    classes: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
 @contextlib.contextmanager
 def network_timeout() -> Iterator[float]:
     """Downloads give up after $ADVTRAIN_DOWNLOAD_TIMEOUT seconds (default 60) without an answer, instead of hanging on
@@ -54,6 +66,7 @@ class Source:
     sizes: ClassVar[dict[str, int] | None] = None  # {"train": N, "test": M} when known before fetching
     params: ClassVar[dict[str, Check]] = {}  # the source's own settings (datasets.<name>.source), validated on load
     defaults: ClassVar[dict[str, Any]] = {}
+    streamed: ClassVar[bool] = False  # True: list_files() and shards; False: fetch() and tensors in memory
 
     def __init__(self, settings: dict | None = None) -> None:
         self.settings = {**self.defaults, **(settings or {})}
@@ -64,4 +77,8 @@ class Source:
 
     def fetch(self, raw_dir: Path) -> Fetched:
         """Both splits, verified against the published checksums; a UserError names what is wrong and the fix."""
+        raise NotImplementedError
+
+    def list_files(self, raw_dir: Path) -> Listed:
+        """A streamed source's files, verified where checksums exist; a UserError names what is wrong and the fix."""
         raise NotImplementedError

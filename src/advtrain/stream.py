@@ -1,0 +1,188 @@
+"""The training loader for sharded data (shards.py): images read and decoded by DataLoader workers, then cropped,
+resized and flipped on the training device (on the CPU, in the workers).
+
+Per epoch, the main process draws the order and every image's crop box and flip from the loader's own generator
+(so the stream is a function of the seed, and a resumed run replays it); workers only read and decode. Under data
+parallelism each rank reads and decodes only its part of every global batch. On CUDA the JPEG decode can run on the
+GPU (`decode: cuda`): the workers then only read bytes."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .loader import shard_rows
+from .shards import ShardReader
+
+LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # torchvision's RandomResizedCrop aspect-ratio range
+ATTEMPTS = 10  # torchvision's tries before it falls back to the whole image
+
+
+def resized_crop_boxes(n: int, side: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box sampling, vectorised: (n, 4) float boxes (x0, y0, w, h) in pixels of a
+    side x side image. Each image takes its first of ATTEMPTS draws that fits; none fits: the whole image."""
+    area = side * side * torch.empty(n, ATTEMPTS).uniform_(scale[0], scale[1], generator=g)
+    ratio = torch.exp(torch.empty(n, ATTEMPTS).uniform_(*LOG_RATIO, generator=g))
+    w = torch.sqrt(area * ratio).round()
+    h = torch.sqrt(area / ratio).round()
+    u = torch.rand(n, ATTEMPTS, 2, generator=g)
+    fits = (w <= side) & (h <= side) & (w > 0) & (h > 0)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    pick = first.clamp(min=0)
+    w, h = w[rows, pick], h[rows, pick]
+    x0 = torch.floor(u[rows, pick, 0] * (side - w + 1))
+    y0 = torch.floor(u[rows, pick, 1] * (side - h + 1))
+    box = torch.stack([x0, y0, w, h], 1)
+    box[first < 0] = torch.tensor([0.0, 0.0, side, side])
+    return box
+
+
+def shifted_boxes(n: int, side: int, size: int, pad: int, g: torch.Generator | None) -> torch.Tensor:
+    """The central size x size box, shifted by up to `pad` pixels each way (pad-and-crop: outside is zero)."""
+    c = (side - size) // 2  # torchvision's CenterCrop for these sizes; whole pixels: an exact copy
+    box = torch.tensor([c, c, size, size]).repeat(n, 1)
+    if pad and g is not None:
+        box[:, :2] += torch.randint(-pad, pad + 1, (n, 2), generator=g).float()
+    return box
+
+
+def crop_resize(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Cut each image of x (uint8 (B, C, S, S)) to its box (whole pixels; outside the image is zero), resize it to
+    size x size (bilinear, antialiased: torchvision's resize of a tensor), mirror it where `flip`: float [0, 1].
+    A box of the output's size is copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's
+    resize of the references' loader is); on CUDA on floats."""
+    box = box.long()
+    pad = int(max(0, -box[:, :2].min(), (box[:, :2] + box[:, 2:] - x.shape[-1]).max()))
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+        box = box.clone()
+        box[:, :2] += pad
+    # channels-last throughout: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
+    src = (x if x.device.type == "cpu" else x.float()).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((len(x), x.shape[1], size, size), dtype=src.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    for i, (x0, y0, w, h) in enumerate(box.tolist()):
+        patch = src[i:i + 1, :, y0:y0 + h, x0:x0 + w]
+        if (h, w) != (size, size):
+            patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = patch[0]
+    if flip is not None and bool(flip.any()):
+        out[flip] = out[flip].flip(3)
+    return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
+
+
+class _Batches(Dataset):
+    """Item k = batch k of the epoch's plan, read in a worker, and then, by `stage`: "bytes" (the GPU decodes),
+    "decoded" (uint8 squares: the device crops), or "augmented" (training on the CPU: the workers crop too, so the
+    work spreads over them)."""
+
+    def __init__(self, folder: Path, split: str, meta: dict, plan: list, stage: str, size: int):
+        self.args = (folder, split, meta)
+        self.plan, self.stage, self.size = plan, stage, size  # plan[k]: (rows, boxes, flips)
+        self.reader: ShardReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, k: int):
+        if self.reader is None:  # opened in the worker: memory maps are not shared across fork
+            self.reader = ShardReader(*self.args)
+        rows, box, flip = self.plan[k]
+        if self.stage == "bytes":
+            return [self.reader.raw(int(i)) for i in rows], k
+        x = self.reader.decode(rows)
+        return (crop_resize(x, box, flip, self.size) if self.stage == "augmented" else x), k
+
+
+class StreamLoader:
+    """Batches of float [0, 1] images (B, 3, size, size) on `device` with their labels, from a sharded split.
+
+    `rows`: which stored images (storage order) this loader trains on. `shard`: under data parallelism, this
+    rank's slice of a global batch; the loader then yields only that part."""
+
+    def __init__(self, reader: ShardReader, rows: torch.Tensor, batch_size: int, device: torch.device | str,
+                 size: int, augment: dict, seed: int = 0, channels_last: bool = False, workers: int = 2,
+                 decode: str = "cpu", shard=None):
+        self.reader, self.rows = reader, rows
+        self.labels = reader.labels[rows]
+        self.batch_size, self.size, self.augment = batch_size, size, augment
+        self.device = torch.device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.workers, self.decode_on = workers, decode
+        self.shard = shard
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def plan(self):
+        """The epoch's draws, in a fixed order: permutation, boxes, flips."""
+        n, g, side = len(self.rows), self.generator, self.reader.enc.store_size
+        order = torch.randperm(n, generator=g)
+        scale = self.augment.get("resized_crop")
+        if scale:
+            box = resized_crop_boxes(n, side, tuple(scale), g)
+        else:
+            box = shifted_boxes(n, side, self.size, self.augment.get("crop", 0), g)
+        flips = torch.rand(n, generator=g) < 0.5 if self.augment.get("flip") else None
+        return order, box, flips
+
+    def __iter__(self):
+        order, box, flips = self.plan()
+        n = len(order)
+        parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
+        plan = [(self.rows[order[p]], box[p], None if flips is None else flips[p]) for p in parts]
+        cuda = self.device.type == "cuda"
+        stage = ("bytes" if self.decode_on == "cuda" else "decoded") if cuda else "augmented"
+        data = _Batches(self.reader.folder, self.reader.split, self.reader.meta, plan, stage, self.size)
+        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers, pin_memory=cuda,
+                            prefetch_factor=4 if self.workers else None)
+        for x, k in loader:
+            if stage == "bytes":
+                from torchvision.io import decode_jpeg
+
+                x = torch.stack(decode_jpeg(x, device=self.device))
+            if stage != "augmented":
+                _, b, f = plan[k]
+                x = crop_resize(x.to(self.device, non_blocking=True), b, f, self.size)
+            yield x.contiguous(memory_format=self.memory_format), self.labels[order[parts[k]]].to(self.device)
+
+    def global_batch(self, i: int) -> int:
+        return min(self.batch_size, len(self.rows) - i * self.batch_size)
+
+
+def centre(reader: ShardReader, rows: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 central size x size crops of `rows` and their labels, on the CPU (evaluation, validation)."""
+    s = reader.enc.store_size
+    a = (s - size) // 2
+    out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
+    for start in range(0, len(rows), 256):
+        part = rows[start:start + 256]
+        out[start:start + len(part)] = reader.decode(part)[:, :, a:a + size, a:a + size]
+    return out, reader.labels[rows]
+
+
+class ShardedData:
+    """A prepared sharded split as training data: the trainer's view (see loader.InMemory for the other kind)."""
+
+    def __init__(self, reader: ShardReader, size: int, workers: int, decode: str, rows: torch.Tensor | None = None):
+        self.reader, self.size, self.workers, self.decode = reader, size, workers, decode
+        self.rows = torch.arange(len(reader)) if rows is None else rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def head(self, n: int) -> "ShardedData":
+        return ShardedData(self.reader, self.size, self.workers, self.decode, self.rows[:n])
+
+    def tensors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return centre(self.reader, self.rows[start:stop], self.size)
+
+    def loader(self, batch_size: int, device, augment: dict, seed: int, channels_last: bool, shard=None):
+        self.reader.verify()  # every shard's size and sha256, once per run (threads; seconds per 10 GB)
+        return StreamLoader(self.reader, self.rows, batch_size, device, self.size, augment, seed, channels_last,
+                            self.workers, self.decode, shard)
