@@ -153,6 +153,35 @@ def test_resnet50_is_torchvisions_with_normalisation_inside():
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
 
 
+def test_a_test_list_picks_the_test_images_in_its_order(folder, tmp_path):
+    """RobustBench's ImageNet subset is such a list; lines may be relative to the test folder or to the root."""
+    listing = tmp_path / "ids.txt"
+    names = ["class2/img0002.jpg", "val/class0/img0004.jpg", "class1/img0009.jpg"]
+    listing.write_text("\n".join(names) + "\n")
+    listed = source(folder, test_list=str(listing)).list_files(tmp_path)
+    assert [(Path(p).relative_to(folder / "val").as_posix(), k) for p, k in listed.test] == [
+        ("class2/img0002.jpg", 2), ("class0/img0004.jpg", 0), ("class1/img0009.jpg", 1)]
+    listing.write_text("class1/missing.jpg\n")
+    with pytest.raises(UserError, match="ids.txt: lists class1/missing.jpg, which is not in"):
+        source(folder, test_list=str(listing)).list_files(tmp_path)
+
+
+def test_imagenet_reads_torchvisions_extracted_layout_with_the_devkits_class_names(folder, tmp_path):
+    """torchvision's ImageNet layout (what it extracts from the archives after their md5): train/WNID, val/WNID and
+    meta.bin (the devkit's WNID -> names); the classes are the WNIDs in order, named by the devkit."""
+    root = tmp_path / "imagenet"
+    wnids = ["n01440764", "n01443537", "n01484850", "n01491361"]
+    for split in ("train", "val"):
+        for k, wnid in enumerate(wnids):
+            shutil.copytree(folder / split / f"class{k}", root / split / wnid)
+    torch.save(({w: (f"name {w}", "other name") for w in wnids}, []), root / "meta.bin")
+    src = SOURCES["imagenet"]({**SOURCES["imagenet"].defaults, "path": str(root), "size": 28, "num_classes": 4})
+    meta = prepare(src, tmp_path / "prepared" / "imagenet", tmp_path / "raw")
+    assert meta["classes"] == [f"name {w}" for w in wnids] and (meta["n_train"], meta["n_test"]) == (240, 64)
+    x, y, _ = load_split(tmp_path / "prepared" / "imagenet", "test")
+    assert x.shape == (64, 3, 28, 28) and torch.bincount(y).tolist() == [16, 16, 16, 16]
+
+
 def test_imagenet_without_archives_says_which_files_go_where(tmp_path):
     proj = make_project(tmp_path / "inet")
     p = run([str(BIN / "advtrain"), "prepare", "imagenet"], proj, check=False)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import World
+from .errors import UserError
 from .loader import shard_rows
 from .shards import ShardReader
 
@@ -71,6 +73,7 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor | None, s
             patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[i] = patch[0]
     if flip is not None and bool(flip.any()):
+        flip = flip.to(out.device)
         out[flip] = out[flip].flip(3)
     return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
 
@@ -113,6 +116,8 @@ class StreamLoader:
         self.device = torch.device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.workers, self.decode_on = workers, decode
+        if decode == "cuda" and self.device.type != "cuda":
+            raise UserError(f"decode: cuda, but training runs on {self.device}: set the source's decode to auto or cpu")
         self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -137,7 +142,8 @@ class StreamLoader:
         parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
         plan = [(self.rows[order[p]], box[p], None if flips is None else flips[p]) for p in parts]
         cuda = self.device.type == "cuda"
-        stage = ("bytes" if self.decode_on == "cuda" else "decoded") if cuda else "augmented"
+        gpu_decode = cuda and self.decode_on in ("auto", "cuda") and self.reader.enc.kind == "jpeg"
+        stage = ("bytes" if gpu_decode else "decoded") if cuda else "augmented"
         data = _Batches(self.reader.folder, self.reader.split, self.reader.meta, plan, stage, self.size)
         loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers, pin_memory=cuda,
                             prefetch_factor=4 if self.workers else None)
@@ -183,6 +189,7 @@ class ShardedData:
         return centre(self.reader, self.rows[start:stop], self.size)
 
     def loader(self, batch_size: int, device, augment: dict, seed: int, channels_last: bool, shard=None):
-        self.reader.verify()  # every shard's size and sha256, once per run (threads; seconds per 10 GB)
+        if World().main:  # every shard's size and sha256, once per run (threads; seconds per 10 GB): one reader
+            self.reader.verify()  # is enough, and a failure there stops every rank
         return StreamLoader(self.reader, self.rows, batch_size, device, self.size, augment, seed, channels_last,
                             self.workers, self.decode, shard)

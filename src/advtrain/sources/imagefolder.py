@@ -9,7 +9,7 @@ sorted sub-folders of the train folder). Settings (datasets.<name>.source):
   encoding      jpeg (quality `quality`) | raw (uint8 pixels: no decode, 3 S^2 bytes per image)
   shard_images  images per shard file
   test_list     a text file of test images relative to the test folder (e.g. RobustBench's 5,000 ImageNet ids)
-  workers       DataLoader workers that read and decode (default: the machine's cores, at most 8)
+  workers       DataLoader workers per rank that read and decode (default: the cores per rank, at most 8)
   decode        auto (on the GPU when training on CUDA) | cpu | cuda"""
 from __future__ import annotations
 
@@ -67,7 +67,12 @@ class ImageFolder(Source):
         return {**super().info(), "stream": {"workers": self.workers(), "decode": self.settings["decode"]}}
 
     def workers(self) -> int:
-        return self.settings["workers"] if self.settings["workers"] is not None else min(8, os.cpu_count() or 1)
+        """The setting, else this machine's cores shared among the ranks on it (torchrun's LOCAL_WORLD_SIZE), at
+        most 8 per rank."""
+        if self.settings["workers"] is not None:
+            return self.settings["workers"]
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return max(1, min(8, (os.cpu_count() or 1) // ranks))
 
     def encoding(self) -> Encoding:
         return Encoding(self.store_size, self.settings["encoding"], self.settings["quality"])

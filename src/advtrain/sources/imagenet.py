@@ -44,11 +44,12 @@ class ImageNet(ImageFolder):
                 splits[split] = Torchvision(str(root), split=split)
             except RuntimeError as e:  # torchvision: "The archive ... is not present in the root directory or is
                 raise UserError(f"imagenet: {e}") from None  # corrupted" (its md5 did not match)
+        to_index = splits["train"].wnid_to_idx  # the val folder's own class list could lack a class: map by WNID
         if self.settings["test_list"]:
-            to_index = splits["train"].wnid_to_idx
             test = self.listed_test(root / "val", to_index)
         else:
-            test = list(splits["val"].samples)
+            val = splits["val"]
+            test = [(path, to_index[val.wnids[k]]) for path, k in val.samples]
         classes = [names[0] for names in splits["train"].classes]
         return Listed(list(splits["train"].samples), test, classes,
                       {"how": "ILSVRC-2012 archives, md5 checked by torchvision", "path": str(root),
