@@ -28,8 +28,9 @@ ALIAS = "evaluated"  # the registered model's alias that evaluation moves to the
 PRIMARY_METRIC = "eval_robust_acc"
 VIEW_KEY = "advtrain"  # the shared view of the runs table: #/experiments/ID/runs?viewStateShareKey=advtrain
 DIGEST_CHARS = 36  # MLflow's cap on a dataset digest: the sha256's prefix is the digest, the whole one a tag
-# What the experiment page opens on: MLflow 3's UI shows a GenAI overview unless the experiment says it holds
-# classic model training; the shared view selects the accuracy columns and sorts by robust accuracy.
+# What the experiment page shows: its kind (classic model training, where MLflow 3.17 reads it: the experiment's
+# type selector, and its side bar when no `workflowType` is chosen), robust accuracy as its primary metric, and the
+# shared view of experiment_url(): the accuracy columns, sorted by robust accuracy.
 EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.experiment.primaryMetric.name": PRIMARY_METRIC,
@@ -72,8 +73,10 @@ def registered_name(method: str, dataset: str) -> str:
 
 
 def experiment_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
-    """Where the runs table with robust accuracy opens (MLflow 3's UI would otherwise land on its GenAI overview)."""
-    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+    """Where the runs table with robust accuracy opens. MLflow 3.17's UI lands on its GenAI overview: its side bar
+    follows the `workflowType` of the URL (else the browser's last choice, GenAI at first), not the experiment's tag,
+    so the URL names the classic one; the shared view selects the accuracy columns, sorted by robust accuracy."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
 def _quiet_mlflow() -> None:
