@@ -54,6 +54,7 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], path)
     run(["dvc", "init", "-q"], path)
+    shutil.copy(ROOT / ".dvc/config", path / ".dvc/config")  # the project's own: its default remote `local`
     run(["dvc", "config", "core.analytics", "false"], path)
     return path
 

@@ -238,5 +238,10 @@ def test_an_unreachable_tracking_store_warns_once_and_the_run_is_synced_later(ba
     losses = [m.value for m in sorted(client.get_metric_history(run_.info.run_id, "train_loss"), key=lambda m: m.step)]
     assert losses == [e["loss"] for e in reference["metrics"]]
     assert run_.data.metrics["eval_robust_acc"] == reference["result"]["robust_acc"]
+    # the model the store missed is logged and registered, and evaluation's alias set on it
+    evaluated = client.get_model_version_by_alias("advtrain-pgd-fashionmnist", "evaluated")
+    assert evaluated.run_id == run_.info.run_id
+    assert evaluated.tags["robust_acc"] == f"{run_.data.metrics['eval_robust_acc']:.6g}"
     assert advtrain(proj, "sync", "pgd", "fashionmnist").returncode == 0  # twice is harmless: nothing logged twice
     assert epochs_in_mlflow(proj)[1] == [1, 2, 3]
+    assert len(client.search_model_versions("name = 'advtrain-pgd-fashionmnist'")) == 1

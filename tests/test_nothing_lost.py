@@ -178,6 +178,51 @@ def test_dvc_experiments_show_and_diff_the_robust_accuracy(finished):
     run([str(BIN / "dvc"), "checkout", "-q"], finished)
 
 
+def test_queued_experiments_run_in_temporary_copies_and_log_to_the_projects_mlflow_store(finished):
+    """`dvc exp run --queue -S ...` twice, then `dvc queue start -j 1`: each experiment runs in a temporary copy of
+    the workspace (.dvc/tmp/exps/...), yet logs into the workspace's own mlruns.db; `dvc exp show` lists both with
+    their robust accuracy and `dvc plots diff` draws both per-epoch curves."""
+    names = {}
+    for steps in (3, 4):  # settings no run of this project had before, so each trains afresh in its copy
+        p = tool(finished, "dvc", "exp", "run", "--queue", "-S", f"methods.pgd.fashionmnist.steps={steps}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        names[steps] = re.search(r"Queued experiment '([\w-]+)'", p.stdout + p.stderr).group(1)
+    p = tool(finished, "dvc", "queue", "start", "-j", "1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = tool(finished, "dvc", "queue", "status").stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(3)
+    assert "Failed" not in status, status + tool(finished, "dvc", "queue", "logs", names[3]).stdout[-3000:]
+    shown = json.loads(tool(finished, "dvc", "exp", "show", "--json").stdout)
+    robust = {}
+    for rev in shown:
+        for exp_ in (e for exps in (rev.get("experiments") or []) for e in exps.get("revs", [])):
+            data = exp_.get("data") or {}
+            metrics = data.get("metrics", {}).get("results/pgd_fashionmnist.json", {}).get("data", {})
+            steps = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("methods", {}).get(
+                "pgd", {}).get("fashionmnist", {}).get("steps")
+            if exp_.get("name") in names.values() and "robust_acc" in metrics:
+                robust[steps] = metrics["robust_acc"]
+    assert set(robust) == {3, 4}, shown
+    client = MlflowClient(f"sqlite:///{finished / 'mlruns.db'}")  # the workspace's store, not the copies'
+    exp_id = client.get_experiment_by_name("advtrain").experiment_id
+    for steps, acc in robust.items():
+        runs = client.search_runs([exp_id], filter_string=f"tags.run = 'pgd_fashionmnist_seed0' and "
+                                                          f"params.`method.steps` = '{steps}'")
+        assert len(runs) == 1 and runs[0].data.metrics["eval_robust_acc"] == acc, (steps, runs)
+        assert any(k.startswith("system/") for k in runs[0].data.metrics)
+    assert not list((finished / ".dvc/tmp/exps").glob("*/mlruns*"))  # nothing was logged into a copy
+    plots = json.loads(tool(finished, "dvc", "plots", "diff", names[3], names[4], "--json").stdout)["data"]
+    curves = [entry for k, v in plots.items() if "metrics/train/pgd_fashionmnist_seed0.json" in k for entry in v]
+    assert curves and all(set(names.values()) <= set(c["revisions"]) for c in curves), plots
+    points = [d for c in curves for d in c["content"]["data"]["values"]]
+    for name in names.values():  # both experiments' epochs 1 and 2, drawn over the epoch
+        assert {int(d["epoch"]) for d in points if d["rev"] == name} == {1, 2}, points
+
+
 # --- the smaller ones, each seen by hand ----------------------------------------------------------------------------
 
 def test_snakemake_interrupted_with_ctrl_c_resumes_with_the_same_command(tmp_path):

@@ -11,7 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
+from advtrain.tracking import experiment_url
 from conftest import BIN, ROOT, env
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -124,6 +126,72 @@ def test_mlflow_server_serves_the_runs_metrics_over_rest(snakemake_project):
         assert metrics["eval_robust_acc"] == result["robust_acc"] and metrics["eval_cw_acc"] == result["cw"]["acc"]
         for attack, acc in result["autoattack"]["robust_acc_after"].items():
             assert metrics[f"eval_aa_{attack}"] == acc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def page_text_with(browser: str, url: str, needles: list[str], seconds: float = 90) -> str:
+    """Open `url` and wait until the page's rendered text holds every needle (MLflow's UI renders in the browser)."""
+    http("POST", f"{browser}/url", {"url": url})
+    deadline = time.time() + seconds
+    text = ""
+    while time.time() < deadline:
+        text = http("POST", f"{browser}/execute/sync",
+                    {"script": "return document.body.innerText", "args": []})["value"]
+        if all(n in text for n in needles):
+            return text
+        time.sleep(1)
+    raise AssertionError(f"{url}: {[n for n in needles if n not in text]} not shown; the page says:\n{text[:3000]}")
+
+
+def screenshot(browser: str, name: str) -> None:
+    png = base64.b64decode(http("GET", f"{browser}/screenshot")["value"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / name).write_bytes(png)
+
+
+def test_mlflow_ui_shows_the_runs_robust_accuracy_the_registered_model_and_system_metrics(snakemake_project, browser):
+    """The page the report prints (#/experiments/ID/runs?workflowType=machine_learning&viewStateShareKey=advtrain)
+    opens on the runs table with the accuracy columns, sorted by robust accuracy, not on MLflow 3's GenAI overview; the registry page shows the model and its alias; a
+    training run's system metrics tab draws its charts. Screenshots of each are kept under test-artifacts/."""
+    client = MlflowClient(f"sqlite:///{snakemake_project / 'mlruns.db'}")
+    exp_id = client.get_experiment_by_name("advtrain").experiment_id
+    version = client.get_model_version_by_alias("advtrain-pgd-fashionmnist", "evaluated")
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri",
+                             f"sqlite:///{snakemake_project / 'mlruns.db'}", "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=snakemake_project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/health", proc)
+        http("POST", f"{browser}/window/rect", {"width": 2400, "height": 900})  # every selected column in view
+        text = page_text_with(browser, experiment_url(exp_id, base),
+                              ["Sort: eval_robust_acc", "eval_robust_acc", "eval_clean_acc", "Model registry",
+                               "pgd_fashionmnist_seed0@", "dynat_fashionmnist_seed1@", "advtrain-pgd-fashionmnist"])
+        assert "Training runs" not in text and "GenAI apps" not in text  # the classic side bar, not GenAI's
+        rows = http("POST", f"{browser}/execute/sync", {"script": """
+            return [...document.querySelectorAll('[role=row]')].map(r => r.innerText.replace(/\\s+/g, ' '))""",
+                                                        "args": []})["value"]
+        assert any("pgd_fashionmnist_seed0@" in r for r in rows), rows
+        screenshot(browser, "mlflow_runs.png")
+        page_text_with(browser, f"{base}/#/models/advtrain-pgd-fashionmnist?workflowType=machine_learning",
+                       ["advtrain-pgd-fashionmnist", "Version 1", "Version 2", "evaluated", "robust_acc",
+                        "pixels in [0, 1]"])
+        screenshot(browser, "mlflow_registered_model.png")
+        run_page = f"{base}/#/experiments/{exp_id}/runs/{version.run_id}/system-metrics"
+        page_text_with(browser, f"{run_page}?workflowType=machine_learning",
+                       ["System metrics", "cpu_utilization_percentage", "disk_usage_percentage"])
+        charts = http("POST", f"{browser}/execute/sync", {"script": "return document.querySelectorAll("
+                                                                    "'.js-plotly-plot, canvas, svg.main-svg').length",
+                                                          "args": []})["value"]
+        assert charts > 0
+        screenshot(browser, "mlflow_system_metrics.png")
     finally:
         proc.terminate()
         try:

@@ -88,3 +88,11 @@ def log_path(stage: str, name: str) -> Path:
 
 def report_dir() -> Path:
     return Path(REPORT_DIR)
+
+
+def split_identity(prepared: Path, meta: dict, split: str) -> tuple[Path, str]:
+    """What identifies a prepared split, from its meta.json: its file (the folder, for shards) and its sha256 (over
+    its shards' for shards)."""
+    if meta.get("format") == "shards":
+        return Path(prepared), meta["sha256"][split]
+    return Path(prepared) / f"{split}.pt", meta["sha256"][f"{split}.pt"]

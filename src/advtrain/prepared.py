@@ -17,6 +17,7 @@ import torch
 from .errors import UserError
 from .io import save_torch, sha256_file, write_json
 from .loader import InMemory
+from .paths import split_identity
 from .shards import RESIZE_POLICY, ShardReader, split_digest, write_split
 from .sources import Source
 from .stream import ShardedData, centre
@@ -102,8 +103,8 @@ def read_meta(d: Path) -> tuple[dict, str]:
 
 
 def data_digest(meta: dict, split: str) -> str:
-    """The sha256 that identifies a prepared split (of its file, or over its shards)."""
-    return meta["sha256"][split if meta.get("format") == "shards" else f"{split}.pt"]
+    """The sha256 that identifies a prepared split."""
+    return split_identity(Path("."), meta, split)[1]
 
 
 def open_split(prepared_dir: str | os.PathLike, split: str, info: dict | None = None):

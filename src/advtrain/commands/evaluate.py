@@ -48,7 +48,7 @@ def _run(cfg, method: str, dataset: str) -> dict:
         record = json.loads(done.read_text())
         log(f"[evaluate] {cfg.name}: this model was evaluated with these settings before: publishing that result "
             f"({done})")
-        return publish(cfg, record, rpath)
+        return publish(cfg, record, rpath, data_meta)
     log(f"[evaluate] {cfg.name}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, AutoAttack {ev['autoattack']}, "
         f"on {device}")
     t0 = time.perf_counter()
@@ -69,7 +69,7 @@ def _run(cfg, method: str, dataset: str) -> dict:
     }
     write_json(done, record)
     spath.unlink(missing_ok=True)
-    return publish(cfg, record, rpath)
+    return publish(cfg, record, rpath, data_meta)
 
 
 def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str = "dataset",
@@ -105,9 +105,9 @@ def run_external(params: Params, dataset: str, file: str, arch: str, normalize: 
     return record
 
 
-def publish(cfg, record: dict, rpath) -> dict:
+def publish(cfg, record: dict, rpath, data_meta: dict) -> dict:
     write_json(rpath, record)
-    log_result(cfg, record, rpath, log)
+    log_result(cfg, record, rpath, log, prepared_dir(cfg.dataset), data_meta)
     aa = f", AutoAttack {100 * record['autoattack']['robust_acc']:.2f}%" if "autoattack" in record else ""
     log(f"[evaluate] {cfg.name}: clean {100 * record['clean_acc']:.2f}%{aa}, robust (min over attacks) "
         f"{100 * record['robust_acc']:.2f}% -> {rpath}")

@@ -21,7 +21,7 @@ from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teache
                      train_metrics_path)
 from ..prepared import data_digest, open_split
 from ..provenance import versions
-from ..tracking import TrainingTracker, tracking_uri
+from ..tracking import TrainingTracker, registered_name, run_title, tracking_uri
 from ..trainer import Trainer
 
 
@@ -55,7 +55,7 @@ def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind:
 
 def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher, world: World) -> None:
     data, meta = open_split(prepared_dir(cfg.dataset), "train", cfg.info)
-    tracker = TrainingTracker(cfg.experiment, log=log) if world.main else None
+    tracker = TrainingTracker(cfg.experiment, prepared_dir(cfg.dataset), meta, log=log) if world.main else None
     ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
     rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
     trainer = Trainer(cfg, data, None, ckpt, callbacks=[tracker] if tracker else [], log=rank_log,
@@ -90,9 +90,22 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
     if trainer.stop_reason:
         tracker.set_tags({"stop_reason": trainer.stop_reason[:5000]})
     tracker.log_artifacts([out_metrics])
+    if kind == "model":
+        log_model(tracker, cfg, out_model, selection)
     tracker.finish()
     log(f"[train] {cfg.name}: {totals['epochs']} epochs, {totals['passes']:g} forward/backward passes, "
         f"{totals['seconds']:.1f}s; the model file holds {selection['why']} -> {out_model}")
+
+
+def log_model(tracker, cfg: RunConfig, path: Path, selection: dict | None) -> None:
+    """The published model file, read back, as the run's MLflow model and a version of advtrain-METHOD-DATASET."""
+    meta, model = load_classifier(path, cfg.info)
+    why = f"; {selection['why']}" if selection else ""
+    version = tracker.log_model(model, registered_name(cfg.method, cfg.dataset), meta["shape"], meta["num_classes"],
+                                f"{run_title(cfg.name, meta['mlflow_run_key'])}: {cfg.method} on {cfg.dataset}, "
+                                f"{cfg.threat_model} eps {cfg.eps:.4g}, {cfg.model}{why}")
+    if version:
+        log(f"[train] {cfg.name}: MLflow model models:/{registered_name(cfg.method, cfg.dataset)}/{version}")
 
 
 def load_teacher(cfg: RunConfig):
