@@ -230,12 +230,15 @@ def test_snakemake_interrupted_with_ctrl_c_resumes_with_the_same_command(tmp_pat
                                          "datasets": {"fashionmnist": {"training": {"epochs": 4}}}})
     run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
     cmd = [str(BIN / "snakemake"), "--cores", "1", "models/pgd_fashionmnist_seed0.pt"]
-    proc = subprocess.Popen(cmd, cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     log = proj / "logs/train/pgd_fashionmnist_seed0.log"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and "epoch 2/4" in log.read_text()):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    # Ctrl-C as a terminal sends it: to the foreground process group, Snakemake and its running job alike (sent to
+    # Snakemake alone, it was at times not acted on before the job's last epoch, a few seconds later)
+    os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0, out[-2000:]
     p = run(cmd, proj)  # the same command, no --rerun-incomplete needed
