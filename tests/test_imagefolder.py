@@ -251,3 +251,10 @@ def test_a_truncated_shard_stops_training_in_one_line_and_loses_nothing(workflow
     assert len(lines) == 1 and "train-00002.bin: truncated or altered (1000 bytes, meta.json says" in lines[0], p.stderr
     assert "snakemake --cores 1 --force data/prepared/shapes/meta.json" in lines[0]
     assert before == {p: p.read_bytes() for d in ("models", "results") for p in (proj / d).rglob("*") if p.is_file()}
+
+
+def test_pad_and_crop_on_streamed_data_shifts_whole_pixels(shards):
+    data, _ = open_split(shards, "train", {"stream": {"workers": 0, "decode": "cpu"}})
+    loader = StreamLoader(data.reader, torch.arange(64), 32, "cpu", 28, {"crop": 4, "flip": False}, 0)
+    batches = list(loader)
+    assert [x.shape[0] for x, _ in batches] == [32, 32] and float(batches[0][0].min()) >= 0

@@ -48,7 +48,7 @@ def shifted_boxes(n: int, side: int, size: int, pad: int, g: torch.Generator | N
     c = (side - size) // 2  # torchvision's CenterCrop for these sizes; whole pixels: an exact copy
     box = torch.tensor([c, c, size, size]).repeat(n, 1)
     if pad and g is not None:
-        box[:, :2] += torch.randint(-pad, pad + 1, (n, 2), generator=g).float()
+        box[:, :2] += torch.randint(-pad, pad + 1, (n, 2), generator=g)
     return box
 
 
