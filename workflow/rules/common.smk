@@ -7,6 +7,7 @@ from advtrain import paths
 from advtrain.config import Params, merge
 from advtrain.errors import UserError
 from advtrain.methods import METHODS
+from advtrain.models import MODELS
 
 
 def load_params():
@@ -66,7 +67,6 @@ def pattern(template, **fixed):
 # them without editing a rule. Training and evaluation take GPUs when training.device is `cuda`: training one per
 # rank (training.devices; `advtrain train` relaunches itself under torchrun), evaluation one when evaluation.device is.
 CPUS_PER_RANK = 4  # data-loading and attack bookkeeping threads per GPU rank
-CPU_JOB_THREADS = 8  # torch's CPU kernels gain little beyond this on these small models
 BIG = dict(mem_mb=16000, runtime=24 * 60)
 SMALL = dict(mem_mb=2000, runtime=30)
 
@@ -80,6 +80,10 @@ def gpus(wildcards, teacher=False, evaluation=False):
 
 
 def rank_threads(wildcards, teacher=False, evaluation=False):
-    """A GPU job: CPUS_PER_RANK per GPU. A CPU job: every core up to CPU_JOB_THREADS (2 cores: one job at a time)."""
+    """A GPU job: CPUS_PER_RANK per GPU. A CPU job: its model's cpu_threads (models/base.py), up to the cores given
+    (small_cnn: 1, so `--cores 2` runs two jobs side by side). Snakemake passes it on as OMP_NUM_THREADS."""
     n = gpus(wildcards, teacher, evaluation)
-    return CPUS_PER_RANK * n if n else min(workflow.cores, CPU_JOB_THREADS)
+    if n:
+        return CPUS_PER_RANK * n
+    cfg = (PARAMS.teacher_config if teacher else PARAMS.resolve)(wildcards.method, wildcards.dataset, int(wildcards.seed))
+    return min(workflow.cores, MODELS[cfg.model].cpu_threads)

@@ -54,6 +54,9 @@ class ModelSpec:
     fits: Callable[[tuple], bool] = lambda shape: True  # (C, H, W) -> whether the network takes such images
     fits_doc: str = ""
     paper_name: Callable[[dict], str] | None = None  # settings -> e.g. "WideResNet-34-10"
+    # CPU threads a job of this model uses best (Snakemake's `threads:` for CPU jobs, up to the cores given). A small
+    # network keeps two threads of one process only partly busy: two one-thread jobs side by side get more done.
+    cpu_threads: int = 8
 
     def architecture(self, params: dict[str, Any]) -> str:
         return self.paper_name(params) if self.paper_name else self.name
