@@ -45,7 +45,7 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --printshellcmds
 
 test: setup browser slurm
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=30 tests
 
 clean:
 	rm -rf data/prepared models metrics results reports checkpoints mlruns mlruns.db .snakemake

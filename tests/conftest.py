@@ -1,8 +1,18 @@
 """Shared fixtures: a throwaway copy of the project (Snakefile, workflow/, dvc.yaml, a tiny params.yaml) inside a
-fresh git + DVC repository, and helpers that run the real command-line tools in it."""
+fresh git + DVC repository, and helpers that run the real command-line tools in it.
+
+`make test` runs the suite on every core with pytest-xdist (`-n auto --dist loadgroup`): the tests of one file share
+a worker, so a module's fixture is built once, and so do all the tests that read `snakemake_project`, which is built
+once per session. Each worker's torch gets its share of the cores; every command a test starts runs on one thread,
+as a Snakemake job of the tiny model does (its rules give small_cnn one thread)."""
 from __future__ import annotations
 
 import os
+
+# before torch is imported (advtrain.config imports it): a worker's share of the cores, so that the workers'
+# OpenMP threads do not outnumber the cores (they spin at their barriers while they wait for each other)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 import shutil
 import subprocess
 import sys
@@ -27,6 +37,7 @@ def env() -> dict:
     e.pop("ADVTRAIN_PARAMS", None)
     e["DVC_NO_ANALYTICS"] = "1"
     e["PYTHONUNBUFFERED"] = "1"
+    e["OMP_NUM_THREADS"] = "1"  # as a Snakemake job of the tiny model runs: a direct run and a job give the same bits
     return e
 
 
@@ -57,6 +68,14 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     shutil.copy(ROOT / ".dvc/config", path / ".dvc/config")  # the project's own: its default remote `local`
     run(["dvc", "config", "core.analytics", "false"], path)
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """pytest-xdist's groups (--dist loadgroup): the readers of the session's `snakemake_project` together, every
+    other test with the other tests of its file (their module-scoped fixtures are built once)."""
+    for item in items:
+        group = "snakemake_project" if "snakemake_project" in getattr(item, "fixturenames", ()) else item.path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)

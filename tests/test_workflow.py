@@ -3,7 +3,9 @@ in step, MLflow holding what was logged, and the CIFAR-10 job graph planned."""
 import json
 import re
 import shutil
+from pathlib import Path
 
+import pytest
 import yaml
 from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
@@ -95,15 +97,25 @@ def test_mlflow_holds_the_logged_metrics(snakemake_project):
     assert {"pgd_fashionmnist_seed0.json"} <= artifacts
 
 
-def test_dvc_repro_reruns_only_what_changed(tmp_path):
-    proj = make_project(tmp_path / "dvc", {"runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
-                                            "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> Path:
+    """A project built from nothing by `dvc repro` (PGD-AT, and DYNAT with its teacher), which the tests below copy
+    and change."""
+    proj = make_project(tmp_path_factory.mktemp("dvc") / "p", {
+        "runs": {"methods": ["pgd"], "teacher_methods": ["dynat"], "seeds": [0]},
+        "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
     first = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage 'prepare@fashionmnist'" in first and "Running stage 'report'" in first
+    assert "Running stage 'pretrain@dynat-fashionmnist-0'" in first
+    return proj
+
+
+def test_dvc_repro_reruns_only_what_changed(reproduced, tmp_path):
+    proj = shutil.copytree(reproduced, tmp_path / "dvc")
     model_before = (proj / "models/pgd_fashionmnist_seed0.pt").read_bytes()
     push_then_pull_from_the_remote(proj, tmp_path / "remote")
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["datasets"]["fashionmnist"]["training"]["lr"] = 0.02  # one training parameter
+    params["methods"]["pgd"]["fashionmnist"]["training"] = {"lr": 0.02}  # one training parameter of PGD-AT's
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     second = run([str(BIN / "dvc"), "repro"], proj).stdout
     ran = set(re.findall(r"Running stage '([^']+)'", second))
@@ -176,10 +188,8 @@ def test_dynat_end_to_end_in_the_report(snakemake_project):
     assert "| dynat | small_cnn | 100 |" in (proj / "reports/report.md").read_text()
 
 
-def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(tmp_path):
-    proj = make_project(tmp_path / "dvc_dynat", {"runs": {"methods": ["standard"], "seeds": [0]},
-                                                  "datasets": {"fashionmnist": {"evaluation": {"autoattack": "off"}}}})
-    run([str(BIN / "dvc"), "repro"], proj)
+def test_changing_teacher_epochs_reruns_pretrain_and_what_follows_only(reproduced, tmp_path):
+    proj = shutil.copytree(reproduced, tmp_path / "dvc_dynat")
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["methods"]["dynat"]["fashionmnist"]["teacher_epochs"] = 2
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
