@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,30 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_warming: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Import MLflow and open the tracking store on a background thread, for a command that logs only when its work
+    is done (evaluation): the 2-4 s that takes overlap the work instead of following it. The first Tracker to
+    connect waits for it; a failure here is left for that connection to report."""
+    global _warming
+
+    def work() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            _quiet_mlflow()
+            if urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):  # a server is asked later
+                MlflowClient(tracking_uri()).search_experiments(max_results=1)  # opens (creates) the store
+        except Exception:
+            pass
+
+    if _warming is None:
+        _warming = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+        _warming.start()
+
+
 class Tracker:
     """Talks to MLflow through its client API (no global active run). All failures degrade to one warning."""
 
@@ -106,6 +132,8 @@ class Tracker:
 
     def _connect(self):
         if self.client is None:
+            if _warming is not None:
+                _warming.join()
             uri = tracking_uri()
             url = urllib.parse.urlparse(uri)
             if url.scheme in ("http", "https"):
@@ -339,14 +367,32 @@ class TrainingTracker(Tracker):
     metrics, the run key kept in the checkpoint.
 
     On a resumed run it first logs the epochs the checkpoint holds but the run does not (a kill can fall between an
-    epoch's checkpoint and its logging), so every epoch is in the run exactly once."""
+    epoch's checkpoint and its logging), so every epoch is in the run exactly once.
+
+    The callbacks' MLflow calls run in order on one background thread, so that importing MLflow and opening the store
+    (2-4 s) overlap the first epoch rather than delay it, and an epoch's logging never holds up the next; `wait()`
+    returns once they are done, and every other call of this class is made after it."""
 
     def __init__(self, experiment: str, data: Path, data_meta: dict, log=print):
         super().__init__(experiment, log=log)
         self.data, self.data_meta = Path(data), data_meta
         self.monitor = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+        self._pending: list[Future] = []
 
     def on_start(self, trainer, resumed: bool) -> None:
+        self._pending.append(self._thread.submit(self._start, trainer, resumed, list(trainer.history)))
+
+    def on_epoch(self, trainer, metrics: dict) -> None:
+        self._pending.append(self._thread.submit(self.log_epoch, dict(metrics)))
+
+    def wait(self) -> None:
+        """Until the callbacks' MLflow calls are done (their failures are warnings already)."""
+        for done in self._pending:
+            done.result()
+        self._pending.clear()
+
+    def _start(self, trainer, resumed: bool, history: list[dict]) -> None:
         cfg = trainer.cfg
         trainer.run_id = self.open_run(run_title(cfg.name, trainer.run_key), trainer.run_key, fresh=not resumed,
                                        tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
@@ -357,10 +403,7 @@ class TrainingTracker(Tracker):
                          {"n": meta.get("n_train"), "shape": meta.get("shape")})
         self.start_system_metrics()
         if resumed:
-            self.log_epochs(trainer.history)
-
-    def on_epoch(self, trainer, metrics: dict) -> None:
-        self.log_epoch(metrics)
+            self.log_epochs(history)
 
     def start_system_metrics(self) -> None:
         """CPU, memory, disk and network (psutil), and GPU where one is (pynvml), as `system/*` every second."""
@@ -378,6 +421,8 @@ class TrainingTracker(Tracker):
             self.monitor = None
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.wait()
+        self._thread.shutdown()
         if self.monitor is not None:
             with _quiet("mlflow.system_metrics"):
                 self.monitor.finish()  # its last samples are flushed before the run is closed

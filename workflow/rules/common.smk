@@ -6,6 +6,7 @@ import sys
 from advtrain import paths
 from advtrain.config import Params, merge
 from advtrain.errors import UserError
+from advtrain.evaluate import AA_VERSIONS
 from advtrain.methods import METHODS
 from advtrain.models import MODELS
 
@@ -77,6 +78,15 @@ def gpus(wildcards, teacher=False, evaluation=False):
     if evaluation:
         return int(cfg.evaluation["device"] == "cuda")
     return cfg.training["devices"] if cfg.training["device"] == "cuda" else 0
+
+
+def longest_first(wildcards):
+    """A job's priority: the AutoAttack attacks its run's evaluation makes (standard 4, fast 2, off 0). The evaluation
+    with FAB-T and Square is the longest job of a run (in the demo, PGD-AT's: 300 of the workflow's ~1,150 job-seconds),
+    so that run's jobs start first and the other runs fill the other cores around it instead of leaving it alone at the
+    end (longest-processing-time-first list scheduling)."""
+    autoattack = PARAMS.resolve(wildcards.method, wildcards.dataset, int(wildcards.seed)).evaluation["autoattack"]
+    return len(AA_VERSIONS.get(autoattack, ()))
 
 
 def rank_threads(wildcards, teacher=False, evaluation=False):

@@ -12,6 +12,7 @@ rule evaluate:
     log:
         pattern(paths.LOG, stage="evaluate", name="{method}_{dataset}_seed{seed}"),
     threads: lambda wc: rank_threads(wc, evaluation=True)
+    priority: longest_first
     resources:
         gpu=lambda wc: gpus(wc, evaluation=True),
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for

@@ -25,6 +25,7 @@ rule pretrain:
     log:
         pattern(paths.LOG, stage="pretrain", name="{method}_{dataset}_seed{seed}"),
     threads: lambda wc: rank_threads(wc, teacher=True)
+    priority: longest_first
     resources:
         gpu=lambda wc: gpus(wc, teacher=True),
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
@@ -45,6 +46,7 @@ rule train:
     log:
         pattern(paths.LOG, stage="train", name="{method}_{dataset}_seed{seed}"),
     threads: rank_threads
+    priority: longest_first
     resources:
         gpu=gpus,
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for

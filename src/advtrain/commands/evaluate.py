@@ -22,7 +22,7 @@ from ..paths import eval_done_path, eval_state_path, model_path, prepared_dir, r
 from ..prepared import load_split
 from ..provenance import versions
 from ..robustbench import model_info
-from ..tracking import log_result
+from ..tracking import log_result, warm_up
 from ..trainer import pick_device
 
 
@@ -51,6 +51,7 @@ def _run(cfg, method: str, dataset: str) -> dict:
         return publish(cfg, record, rpath, data_meta)
     log(f"[evaluate] {cfg.name}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, AutoAttack {ev['autoattack']}, "
         f"on {device}")
+    warm_up()  # the result is logged to MLflow at the end
     t0 = time.perf_counter()
     spath = eval_state_path(cfg.name, key)
     res = evaluate(model, x, y, cfg.eps, ev, cfg.seed, device, log, state_path=spath, key=key,

@@ -70,6 +70,7 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
         world.stop()
     if not world.main:
         return
+    tracker.wait()  # the run's id, and its per-epoch metrics logged before its totals
     totals = {"seconds": sum(h["seconds"] for h in history), "passes": sum(h["passes"] for h in history),
               "optimizer_steps": sum(h["optimizer_steps"] for h in history), "epochs": len(history)}
     state, selection = trainer.selected()
