@@ -170,11 +170,27 @@ def test_snakemake_and_dvc_run_the_same_commands(tmp_path):
             "advtrain report"} <= stages
 
 
-def test_snakemake_plans_the_cifar10_job_graph(tmp_path):
-    proj = make_project(tmp_path / "plan")
+def jobs(plan: str, rule: str) -> list[str]:
+    """The blocks of a dry run's plan that describe jobs of `rule`."""
+    return [b for b in plan.split("\n\n") if re.search(rf"^(local)?rule {rule}:", b, re.M)]
+
+
+def test_snakemake_plans_the_cifar10_graph_and_the_tiny_one_with_threads_and_priorities(tmp_path):
+    proj = make_project(tmp_path / "plan", {"methods": {"pgd": {"fashionmnist": {"evaluation": {"autoattack": "standard"}}}}})
     out = run([str(BIN / "snakemake"), "-n", "--cores", "8", "results/pgd_cifar10.json"], proj).stdout
     for rule in ("prepare", "train", "evaluate", "aggregate"):
         assert re.search(rf"^{rule}\s+\d+\b", out, re.M), out  # one job per seed of runs.seeds
+    # a CPU job takes its model's cpu_threads: PreActResNet-18 all 8 cores, the small CNN one, so that two run at once
+    assert all("threads: 8" in b for b in jobs(out, "train")), out
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "2"], proj).stdout
+    train = jobs(out, "train")
+    # (Snakemake prints no `threads:` line for one thread; cpus_per_task is the rules' threads)
+    assert len(train) == 6 and all("cpus_per_task=1," in b and "threads:" not in b for b in train), out  # 3 x 2 seeds
+    # the run whose evaluation has AutoAttack's standard version (FAB-T, Square: the longest job) goes first
+    for rule in ("train", "evaluate"):
+        priority = {re.search(r"method=(\w+)", b).group(1): int(re.search(r"priority: (\d+)", b).group(1))
+                    for b in jobs(out, rule)}
+        assert priority == {"pgd": 4, "standard": 2, "dynat": 2}, (rule, out)
 
 
 def test_dynat_end_to_end_in_the_report(snakemake_project):
