@@ -70,6 +70,7 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """pytest-xdist's groups (--dist loadgroup): the readers of the session's `snakemake_project` together, every
     other test with the other tests of its file (their module-scoped fixtures are built once)."""

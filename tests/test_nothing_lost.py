@@ -226,15 +226,16 @@ def test_queued_experiments_run_in_temporary_copies_and_log_to_the_projects_mlfl
 # --- the smaller ones, each seen by hand ----------------------------------------------------------------------------
 
 def test_snakemake_interrupted_with_ctrl_c_resumes_with_the_same_command(tmp_path):
+    # 9,000 images: about 2 s an epoch here, so that the Ctrl-C surely falls inside the training
     proj = make_project(tmp_path / "p", {"runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
-                                         "datasets": {"fashionmnist": {"training": {"epochs": 4}}}})
+                                         "datasets": {"fashionmnist": {"training": {"epochs": 4, "train_subset": 9000}}}})
     run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
     cmd = [str(BIN / "snakemake"), "--cores", "1", "models/pgd_fashionmnist_seed0.pt"]
     proc = subprocess.Popen(cmd, cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     log = proj / "logs/train/pgd_fashionmnist_seed0.log"
     deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and "epoch 2/4" in log.read_text()):
+    while time.time() < deadline and not (log.exists() and "epoch 2/4  batch" in log.read_text()):
         time.sleep(0.2)
     # Ctrl-C as a terminal sends it: to the foreground process group, Snakemake and its running job alike (sent to
     # Snakemake alone, it was at times not acted on before the job's last epoch, a few seconds later)

@@ -1,5 +1,6 @@
 """One writer per run: a second `advtrain train` (or `evaluate`) of the same run is refused while the first runs,
-instead of both writing the same files and the last one winning."""
+instead of both writing the same files and the last one winning. And one process at a time for work that several
+may start at once but only one may do (creating the MLflow store)."""
 from __future__ import annotations
 
 import contextlib
@@ -26,6 +27,20 @@ def exclusive(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
                             f"(the lock is {path})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_file: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`, waiting while another process holds it (an advisory flock, released
+    when the holder ends, even by SIGKILL)."""
+    path = Path(lock_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

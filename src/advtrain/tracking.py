@@ -12,6 +12,7 @@ An unreachable store never stops training: it warns once and the local metrics J
 same MLflow run, whichever store was reachable when."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from .locking import one_at_a_time
 from .paths import split_identity
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -83,6 +85,18 @@ def experiment_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> s
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
+def store_setup():
+    """Held while a process opens the tracking store and finds or creates its experiment. Snakemake starts several
+    jobs at once: on a new sqlite store each would create the tables and run MLflow's migrations, and they fail on
+    each other's half-made schema ("duplicate column name"); two would create the same experiment. A server's
+    store needs no lock."""
+    url = urllib.parse.urlparse(tracking_uri())
+    if url.scheme != "sqlite":
+        return contextlib.nullcontext()
+    db = Path(tracking_uri()[len("sqlite:///"):])  # sqlite:///relative.db or sqlite:////absolute.db
+    return one_at_a_time(db.with_name(db.name + ".lock"))
+
+
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -103,7 +117,8 @@ def warm_up() -> None:
 
             _quiet_mlflow()
             if urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):  # a server is asked later
-                MlflowClient(tracking_uri()).search_experiments(max_results=1)  # opens (creates) the store
+                with store_setup():
+                    MlflowClient(tracking_uri()).search_experiments(max_results=1)  # opens (creates) the store
         except Exception:
             pass
 
@@ -145,7 +160,8 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             _quiet_mlflow()  # after the import, which sets its own levels
-            self.client = MlflowClient(uri)
+            with store_setup():
+                self.client = MlflowClient(uri)
         return self.client
 
     def open_run(self, name: str, key: str | None = None, tags: dict | None = None, fresh: bool = False) -> str | None:
@@ -176,6 +192,10 @@ class Tracker:
 
     def _experiment(self, client) -> str:
         """The experiment's id, created with the tags that make MLflow's UI open on its runs table."""
+        with store_setup():
+            return self._find_or_create_experiment(client)
+
+    def _find_or_create_experiment(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment)
         if exp is None:
             # artifacts beside the store: MLflow's default (./mlruns) would land in a DVC experiment's temporary copy
