@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-# before torch is imported (advtrain.config imports it): a worker's share of the cores, so that the workers'
+# before torch is imported (the tests import it): a worker's share of the cores, so that the workers'
 # OpenMP threads do not outnumber the cores (they spin at their barriers while they wait for each other)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))

@@ -3,6 +3,7 @@ ends spell the same paths as src/advtrain/paths.py."""
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -87,6 +88,19 @@ def test_leaves_import_nothing_of_the_package_but_leaves():
     assert graph["advtrain.cli"] <= {f"advtrain.commands.{c}" for c in
                                      ("aggregate", "check", "evaluate", "prepare", "report", "sync", "train")} | {
         "advtrain.commands", "advtrain.config", "advtrain.console", "advtrain.errors"}
+
+
+def test_checking_the_params_imports_no_torch():
+    """`advtrain check` loads and validates params.yaml (Params.load, require_runs) without importing torch, which
+    takes over a second: the modules of the methods, models, data sources and attacks, and every other module the
+    command line imports, take torch from advtrain.lazy, and a model file's networks are defined only when a model
+    is built (models/base.py: Deferred). In a fresh interpreter, as this test's own process holds torch already."""
+    code = ("import sys\n"
+            "from advtrain import cli\n"
+            "assert cli.main(['--params', 'params.yaml', 'check']) == 0\n"
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] == 'torch')\n"
+            "assert not loaded, loaded[:10]\n")
+    run([sys.executable, "-c", code], ROOT, extra_env={"PYTHONPATH": str(ROOT / "src")})
 
 
 def test_the_word_of_a_teacher_method_lives_only_in_its_file():

@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
+from .lazy import F, torch
 
 
 def project_box(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,12 +116,12 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     return x_adv.detach()
 
 
-@torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500, autocast=contextlib.nullcontext) -> torch.Tensor:
     out = []
-    for i in range(0, len(x), batch_size):
-        with autocast():
-            out.append(model(x[i:i + batch_size]).argmax(1))
+    with torch.no_grad():  # a block, not the decorator: a decorator would load torch when this module is imported
+        for i in range(0, len(x), batch_size):
+            with autocast():
+                out.append(model(x[i:i + batch_size]).argmax(1))
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=x.device)
 
 

@@ -8,10 +8,9 @@ import pickle
 import zipfile
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 from .io import save_torch
+from .lazy import torch
 from .models import build_model
 
 FORMAT = 1

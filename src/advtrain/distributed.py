@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
+from .lazy import dist, torch
 
 
 class World:

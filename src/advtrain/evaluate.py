@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from . import faults
 from .attacks import pgd, predict
 from .io import save_torch
+from .lazy import torch
 from .stats import pack_bits
 
 AA_VERSIONS = {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"], "fast": ["apgd-ce", "apgd-t"]}

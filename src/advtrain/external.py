@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .checkpoint import read_torch
 from .errors import UserError
-from .models import MODELS, Classifier
+from .lazy import torch
+from .models import MODELS, classifier
 
 TORCHVISION = "torchvision:"
 
@@ -63,7 +62,8 @@ def state_dict_of(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_external(path: str | Path, arch: str, info: dict, normalize: str = "dataset") -> Classifier:
+def load_external(path: str | Path, arch: str, info: dict, normalize: str = "dataset") -> torch.nn.Module:
+    """A Classifier (models/base.py) of the weights in `path`."""
     path = Path(path)
     net = network(arch, info)
     try:
@@ -71,4 +71,4 @@ def load_external(path: str | Path, arch: str, info: dict, normalize: str = "dat
     except RuntimeError as e:
         raise UserError(f"{path}: its weights do not fit {arch} ({str(e).splitlines()[0][:150]})") from None
     mean, std = normalisation(normalize, info)
-    return Classifier(net, mean, std).eval()
+    return classifier(net, mean, std).eval()

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from .lazy import F, torch
 
 
 def random_crop(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,9 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from .errors import UserError
 from .io import save_torch, sha256_file, write_json
+from .lazy import torch
 from .loader import InMemory
 from .paths import split_identity
 from .shards import RESIZE_POLICY, ShardReader, split_digest, write_split

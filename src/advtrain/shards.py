@@ -27,10 +27,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import UserError
 from .io import atomic_path, save_torch, sha256_file
+from .lazy import torch
 
 ORDER_SEED = 0x5EED  # the fixed storage order of every split
 RESIZE_POLICY = ("RGB; shorter side resized to store_size (PIL bicubic, antialiased; JPEG draft decoding at >= 2x), "

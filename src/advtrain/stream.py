@@ -10,12 +10,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-
 from .distributed import World
 from .errors import UserError
+from .lazy import F, torch
 from .loader import shard_rows
 from .shards import ShardReader
 
@@ -78,10 +75,11 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor | None, s
     return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
 
 
-class _Batches(Dataset):
+class _Batches:
     """Item k = batch k of the epoch's plan, read in a worker, and then, by `stage`: "bytes" (the GPU decodes),
     "decoded" (uint8 squares: the device crops), or "augmented" (training on the CPU: the workers crop too, so the
-    work spreads over them)."""
+    work spreads over them). A map-style dataset by its __len__ and __getitem__, as DataLoader takes one; it does not
+    subclass torch's Dataset (which adds only `+`), as a base class would load torch when this module is imported."""
 
     def __init__(self, folder: Path, split: str, meta: dict, plan: list, stage: str, size: int):
         self.args = (folder, split, meta)
@@ -145,8 +143,8 @@ class StreamLoader:
         gpu_decode = cuda and self.decode_on in ("auto", "cuda") and self.reader.enc.kind == "jpeg"
         stage = ("bytes" if gpu_decode else "decoded") if cuda else "augmented"
         data = _Batches(self.reader.folder, self.reader.split, self.reader.meta, plan, stage, self.size)
-        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers, pin_memory=cuda,
-                            prefetch_factor=4 if self.workers else None)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
+                                             pin_memory=cuda, prefetch_factor=4 if self.workers else None)
         for x, k in loader:
             if stage == "bytes":
                 from torchvision.io import decode_jpeg

@@ -9,15 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
 from . import checkpoint, faults
 from .attacks import predict, worst_case
 from .config import RunConfig
 from .distributed import World
 from .errors import UserError
+from .lazy import torch
 from .loader import InMemory
 from .methods import METHODS
 from .models import model_for
@@ -133,13 +130,14 @@ class Trainer:
         if self.world.on:
             if self.tr["sync_bn"] and cuda:
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if cuda else None)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.tr["lr"], momentum=self.tr["momentum"],
                                          weight_decay=self.tr["weight_decay"], foreach=True)
         # an exponential moving average of the weights (and buffers), updated after every optimizer step; when on,
         # it is what validation measures and what the model file holds
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.tr["ema_decay"]), use_buffers=True)
-                    if self.tr["ema_decay"] else None)
+        swa = torch.optim.swa_utils
+        self.ema = (swa.AveragedModel(self.model, multi_avg_fn=swa.get_ema_multi_avg_fn(self.tr["ema_decay"]),
+                                      use_buffers=True) if self.tr["ema_decay"] else None)
         self.best: dict | None = None  # the best epoch so far by validation: {"epoch", "metric", "value", "state"}
         self.method.setup(self)
         if self.method.needs_teacher:

@@ -7,14 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from ..checkpoint import cpu_state, load_classifier, save_model
 from ..config import Params, RunConfig
 from ..console import log
 from ..distributed import World
 from ..errors import UserError
 from ..io import write_json
+from ..lazy import torch
 from ..methods import METHODS
 from ..locking import exclusive
 from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,

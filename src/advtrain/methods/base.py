@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-
 from ..attacks import ball
+from ..lazy import torch
 
 
 class Method:

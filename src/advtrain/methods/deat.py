@@ -4,9 +4,9 @@ minibatch, with a replay count r that grows during training under the gradient-m
 Per minibatch: delta ~ U(-eps, eps), box; r times: forward on x + delta, backward, optimizer step,
 delta <- box/project(delta + alpha_r * sign(grad)), alpha_r = max(eps / r, alpha). The epoch's magnitude is taken
 from the LAST replay of each minibatch. `schedule: fixed` gives DEAT-d: r = 1 + floor(epoch / every)."""
-import torch.nn.functional as F
 
 from ..attacks import project_box, uniform_start
+from ..lazy import F
 from ..schema import choice, integer, number, optional
 from ..magnitude import MagnitudeDriven
 from .base import Method

@@ -9,10 +9,10 @@ Per minibatch:
 `teacher_update: frozen` keeps the (pretrained) teacher fixed: the loss is then CE(student(x_adv), l) alone.
 The teacher comes from the `pretrain` stage (models/teachers/dynat_<dataset>.pt, `teacher_epochs` of clean training;
 0 reproduces the reference, which trains the teacher from scratch alongside the student)."""
-import torch
-import torch.nn.functional as F
+from __future__ import annotations
 
 from ..attacks import predict, project_box
+from ..lazy import F, torch
 from ..models import MODELS
 from ..schema import choice, integer, number, optional
 from .base import Method

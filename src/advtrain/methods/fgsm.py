@@ -7,9 +7,9 @@ Catastrophic overfitting (robust accuracy collapsing within an epoch) is watched
 `check_points` held-out training images; if its accuracy falls more than `drop` below the best so far, then per
 `on_overfit`: `stop` (roll back to the best epoch's weights and end training), `rollback` (roll back and go on),
 or `off` (only report it). Every event is logged and recorded in the metrics (`overfit`, `holdout_pgd_acc`)."""
-import torch.nn.functional as F
 
 from ..attacks import pgd, worst_case
+from ..lazy import F
 from ..schema import choice, integer, number
 from .base import Method
 

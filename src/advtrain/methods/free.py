@@ -6,9 +6,7 @@ replayed m times; each replay is ONE forward on box(x + delta) and ONE backward 
 natural training, `training.epochs` data passes become epochs / m (rounded up)."""
 import math
 
-import torch
-import torch.nn.functional as F
-
+from ..lazy import F, torch
 from ..schema import integer
 from .base import Method
 

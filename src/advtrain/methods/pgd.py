@@ -3,10 +3,9 @@
 The first (1 - f)·B examples of a batch stay clean, the rest are attacked with K-step PGD (model in eval mode by
 default); clean and adversarial examples go through ONE forward pass, loss = (1 - f)·CE_clean + f·CE_adv.
 f = 1 is Madry's recipe, f = 0.5 the 50/50 variant."""
-import torch
-import torch.nn.functional as F
 
 from ..attacks import pgd
+from ..lazy import F, torch
 from ..schema import choice, integer, number, optional
 from .base import Method
 

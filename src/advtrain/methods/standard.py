@@ -2,9 +2,9 @@
 
 With `holdout: N` the last N training images are kept out of training and the clean accuracy on them is reported
 each epoch (a teacher holds out the images its student's check uses: Method.teacher_recipe)."""
-import torch.nn.functional as F
 
 from ..attacks import predict
+from ..lazy import F
 from ..schema import integer
 from .base import Method
 

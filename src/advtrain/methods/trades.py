@@ -3,9 +3,9 @@
 Inner maximisation with the model in eval mode: x_adv = x + 0.001 * N(0, 1), then K steps of alpha * sign(grad) on
 KL(f(x) || f(x_adv)), box/project each step. Outer, in train mode: two forwards, on x then on x_adv, as the reference
 (batch norm normalises each on its own); the gradient magnitude is taken on x_adv."""
-import torch
-import torch.nn.functional as F
+from __future__ import annotations
 
+from ..lazy import F, torch
 from ..schema import integer, number, optional
 from .base import Method
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-import torch
-
+from ..lazy import torch
 from ..schema import Check
 
 

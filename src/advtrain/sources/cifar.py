@@ -8,9 +8,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
+from ..lazy import torch
 from .base import Fetched, Source, Split, network_timeout
 
 

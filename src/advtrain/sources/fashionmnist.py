@@ -12,9 +12,8 @@ import os
 import struct
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
+from ..lazy import torch
 from .base import Fetched, Source, Split, network_timeout
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
