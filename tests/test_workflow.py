@@ -35,8 +35,8 @@ def test_snakemake_end_to_end(snakemake_project):
     metrics = json.loads((proj / "metrics/train/pgd_fashionmnist_seed0.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     e = metrics["epochs"][0]
-    # 3000 images, the last 300 held out for validation: 27 batches of 100, PGD-3 costs 3 + 1 passes each
-    assert e["attack_steps"] == 3 and e["passes"] == 27 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
+    # 6000 images, the last 300 held out for validation: 57 batches of 100, PGD-3 costs 3 + 1 passes each
+    assert e["attack_steps"] == 3 and e["passes"] == 57 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
     assert "<table>" in html and "CHECK FAILED" not in html
     for fig in ("curves", "dynat_labels", "autoattack_stages", "examples", "time"):
