@@ -122,7 +122,7 @@ def log(msg: str) -> None:
 
 # --- configuration -------------------------------------------------------------------------------------------------
 
-def bench_config(method: str, dataset: str, batch_size: int, device: str, epochs: int):
+def bench_config(method: str, dataset: str, batch_size: int, device: str, epochs: int, precision: str = "auto"):
     """The RunConfig our trainer gets: a validated params dict with the method's settings pinned."""
     ours, settings, _ = METHODS[method]
     c = CONFIGS[dataset]
@@ -135,7 +135,7 @@ def bench_config(method: str, dataset: str, batch_size: int, device: str, epochs
         "models": {"small_cnn": {"width": 16, "hidden": 128, "kernel": 3}},
         "methods": {ours: settings},
         "training": {"epochs": epochs, "batch_size": batch_size, "lr": LR, "momentum": MOMENTUM,
-                     "weight_decay": WEIGHT_DECAY, "schedule": "constant", "precision": "auto",
+                     "weight_decay": WEIGHT_DECAY, "schedule": "constant", "precision": precision,
                      "channels_last": "auto", "device": device, "train_subset": 0},
     }
     cfg = Params(raw, "<bench>").resolve(ours, dataset)
@@ -489,10 +489,10 @@ def figures(run: dict, flops_img: float, peak: float) -> dict:
 
 
 def bench_one(dataset: str, method: str, size: str, device: torch.device, repeats: int | None, tmp: Path,
-              flops_img: float, peak: float, compile: bool = False) -> dict:
+              flops_img: float, peak: float, compile: bool = False, precision: str = "auto") -> dict:
     batch_size, batches, timed, warm = SIZES[size][dataset]
     timed = repeats or timed
-    cfg = bench_config(method, dataset, batch_size, device.type, warm + timed)
+    cfg = bench_config(method, dataset, batch_size, device.type, warm + timed, precision)
     images, labels = synthetic(dataset, batch_size * batches, seed=1)
     loops = {"ours": Ours(cfg, method, images, labels, tmp / f"{dataset}_{method}.pt", compile),
              "reference": Reference(cfg, method, images, labels, device)}
@@ -632,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile our trainer's model (the warm-up epoch then includes the compilation)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="our trainer's training.precision (default: auto, as params.yaml; the reference is fp32)")
     ap.add_argument("--autoattack", type=int, default=0, metavar="N", help="also time AutoAttack on N points")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args(argv)
@@ -660,14 +662,15 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 flops_img = method_flops(method, flops)
                 r = bench_one(dataset, method, args.size, device, args.repeats, Path(tmp), flops_img, peak["peak_flops"],
-                              args.compile)
+                              args.compile, args.precision)
                 r["model_flops_per_image"] = flops
                 r["flops_per_minibatch_image"] = flops_img
                 results[dataset][method] = r
                 log(f"[bench] {dataset} {method}: ours {r['ours']['images_per_s']:.1f} img/s, reference "
                     f"{r['reference']['images_per_s']:.1f} img/s, ratio {r['ratio']:.2f} ({time.perf_counter() - t0:.1f}s)"
                     + (f"  ERROR {r['error']}" if "error" in r else ""))
-        out = {"size": args.size, "compile": args.compile, "machine": info, "peak": peak, "results": results}
+        out = {"size": args.size, "compile": args.compile, "precision": args.precision, "machine": info, "peak": peak,
+               "results": results}
         if args.autoattack:
             aa = bench_autoattack(args.autoattack, device, Path(tmp))
             out["autoattack"] = aa

@@ -48,8 +48,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 # The tiny jobs on this node: 2 threads each, as the local run (the rules ask cpus_per_task = threads), and less memory
 # than the rules' CIFAR-size defaults, so that two jobs fit at once; no GPUs (training.device is cpu).
+# Status every 2 s, not the profile's 20 s then every 10 s (kind to a shared slurmctld; here each wait is idle time).
 RESOURCES = ["--cores", "2", "--default-resources", "slurm_partition=debug", "runtime=20",
-             "--set-resources", "train:mem_mb=3000", "evaluate:mem_mb=3000", "pretrain:mem_mb=3000"]
+             "--set-resources", "train:mem_mb=3000", "evaluate:mem_mb=3000", "pretrain:mem_mb=3000",
+             "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
 
 
 def tool(name: str) -> str:

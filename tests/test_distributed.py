@@ -23,8 +23,10 @@ OVERRIDES = {
 METHODS = ("pgd", "deat")
 # Float sums in another order (each rank averages its half, then the all-reduce) are the only difference from one
 # process: ~1e-7 of a tensor's norm. PGD's sign steps amplify them (a near-zero input gradient can flip its sign):
-# after 2 epochs of PGD-3, up to ~3e-4 of a tensor's norm, and 5e-4 of the gradient magnitude. DEAT stays at ~1e-7.
+# after 2 epochs of PGD-3, up to ~3e-4 of a tensor's norm, and of the gradient magnitude (a sum of |input gradient|
+# over every attacked image, where each flip adds up) 5e-4 and 1.2e-3 in two runs. DEAT stays at ~1e-7.
 TOLERANCE = 1e-3  # |a - b| / |a| per tensor, and the relative difference of each per-epoch metric
+GRAD_TOLERANCE = 3e-3  # the epoch's gradient magnitude
 
 
 def project(tmp: Path, name: str, devices: int, prepared_from: Path | None = None) -> Path:
@@ -78,7 +80,8 @@ def test_two_ranks_train_what_one_process_trains(runs, method):
     assert len(e1) == len(e2) == 2
     for m1, m2 in zip(e1, e2):
         for key in ("loss", "adv_acc", "grad_l1", "passes"):
-            assert m2[key] == pytest.approx(m1[key], rel=TOLERANCE), (method, m1["epoch"], key)
+            rel = GRAD_TOLERANCE if key == "grad_l1" else TOLERANCE
+            assert m2[key] == pytest.approx(m1[key], rel=rel), (method, m1["epoch"], key)
         assert (m2["attack_steps"], m2["optimizer_steps"]) == (m1["attack_steps"], m1["optimizer_steps"])
     if method == "deat":
         assert [m["attack_steps"] for m in e1] == [1, 2]  # the rule raised the replay count after epoch 1

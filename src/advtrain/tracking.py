@@ -20,8 +20,8 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.parse
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +85,41 @@ def experiment_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> s
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
 
 
-def store_setup():
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (sqlite:///relative.db, sqlite:////absolute.db), else None."""
+    return Path(uri[len("sqlite:///"):]) if urllib.parse.urlparse(uri).scheme == "sqlite" else None
+
+
+def store_setup(uri: str | None = None):
     """Held while a process opens the tracking store and finds or creates its experiment. Snakemake starts several
     jobs at once: on a new sqlite store each would create the tables and run MLflow's migrations, and they fail on
     each other's half-made schema ("duplicate column name"); two would create the same experiment. A server's
     store needs no lock."""
-    url = urllib.parse.urlparse(tracking_uri())
-    if url.scheme != "sqlite":
-        return contextlib.nullcontext()
-    db = Path(tracking_uri()[len("sqlite:///"):])  # sqlite:///relative.db or sqlite:////absolute.db
-    return one_at_a_time(db.with_name(db.name + ".lock"))
+    db = _sqlite_file(uri or tracking_uri())
+    return contextlib.nullcontext() if db is None else one_at_a_time(db.with_name(db.name + ".lock"))
 
 
-def _quiet_mlflow() -> None:
-    for name in ("mlflow", "alembic", "sqlalchemy"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def open_client(uri: str):
+    """An MlflowClient of `uri`. A new sqlite store is made whole under a temporary name and then renamed into place
+    (MLflow's migrations are many steps: a process killed among them, say in its first epoch while the store is set
+    up beside it, would leave a half-migrated file that every later run fails on)."""
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()  # after the import, which sets its own levels
+    db = _sqlite_file(uri)
+    with store_setup(uri):
+        if db is not None and not db.exists():
+            db.parent.mkdir(parents=True, exist_ok=True)
+            tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            MlflowClient(f"sqlite:///{tmp}")  # creates the tables and runs every migration
+            os.replace(tmp, db)
+        return MlflowClient(uri)
 
 
 _warming: threading.Thread | None = None
@@ -113,12 +133,10 @@ def warm_up() -> None:
 
     def work() -> None:
         try:
-            from mlflow.tracking import MlflowClient
-
-            _quiet_mlflow()
-            if urllib.parse.urlparse(tracking_uri()).scheme not in ("http", "https"):  # a server is asked later
-                with store_setup():
-                    MlflowClient(tracking_uri()).search_experiments(max_results=1)  # opens (creates) the store
+            if urllib.parse.urlparse(tracking_uri()).scheme in ("http", "https"):  # a server is asked later
+                import mlflow.tracking  # noqa: F401
+            else:
+                open_client(tracking_uri())
         except Exception:
             pass
 
@@ -157,11 +175,7 @@ class Tracker:
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
                 socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                          timeout=5).close()
-            from mlflow.tracking import MlflowClient
-
-            _quiet_mlflow()  # after the import, which sets its own levels
-            with store_setup():
-                self.client = MlflowClient(uri)
+            self.client = open_client(uri)
         return self.client
 
     def open_run(self, name: str, key: str | None = None, tags: dict | None = None, fresh: bool = False) -> str | None:
@@ -417,11 +431,11 @@ class TrainingTracker(Tracker):
         trainer.run_id = self.open_run(run_title(cfg.name, trainer.run_key), trainer.run_key, fresh=not resumed,
                                        tags={"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
                                              "run": cfg.name})
+        self.start_system_metrics()
         self.log_params({**cfg.flat_params(), "device": str(trainer.device), "bf16": trainer.use_bf16})
         meta = self.data_meta
         self.log_dataset(f"{cfg.dataset}/train", *split_identity(self.data, meta, "train"), "training",
                          {"n": meta.get("n_train"), "shape": meta.get("shape")})
-        self.start_system_metrics()
         if resumed:
             self.log_epochs(history)
 
@@ -446,8 +460,20 @@ class TrainingTracker(Tracker):
         if self.monitor is not None:
             with _quiet("mlflow.system_metrics"):
                 self.monitor.finish()  # its last samples are flushed before the run is closed
+            if not self._has_system_metrics():
+                # the monitor logs a sample only after a whole interval: a run shorter than that (its start overlaps
+                # the first epoch) gets one sample now
+                self.monitor.collect_metrics()
+                self.log_metrics(self.monitor.aggregate_metrics(), prefix="system/")
             self.monitor = None
         super().finish(status)
+
+    def _has_system_metrics(self) -> bool:
+        try:
+            return any(k.startswith("system/") for k in self.client.get_run(self.run_id).data.metrics)
+        except Exception as e:
+            self._warn("reading the run's metrics", e)
+            return True
 
 
 def eval_metrics(res: dict) -> dict:
