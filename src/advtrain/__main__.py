@@ -1,6 +1,4 @@
 """`python -m advtrain`: what torchrun runs on each rank (commands/train.py relaunches `advtrain train` under it)."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -15,6 +15,7 @@ defaults to the first of runs.seeds.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -104,5 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `advtrain` command (and `python -m advtrain`): main(), then out without the interpreter's finalization.
+    Tearing down the modules of torch, torch._dynamo and MLflow takes 1-2 s per process here (docs/benchmarks.md),
+    and a finished command needs none of it: its files are written and closed, its threads done. The streams and the
+    logging handlers are flushed first; an exception still leaves the usual way, with its traceback."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
