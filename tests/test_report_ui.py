@@ -187,9 +187,13 @@ def test_mlflow_ui_shows_the_runs_robust_accuracy_the_registered_model_and_syste
         run_page = f"{base}/#/experiments/{exp_id}/runs/{version.run_id}/system-metrics"
         page_text_with(browser, f"{run_page}?workflowType=machine_learning",
                        ["System metrics", "cpu_utilization_percentage", "disk_usage_percentage"])
-        charts = http("POST", f"{browser}/execute/sync", {"script": "return document.querySelectorAll("
-                                                                    "'.js-plotly-plot, canvas, svg.main-svg').length",
-                                                          "args": []})["value"]
+        # the charts come after the text: MLflow loads its plotting library and draws each chart when it is in view
+        deadline, charts = time.time() + 30, 0
+        while time.time() < deadline and not charts:
+            charts = http("POST", f"{browser}/execute/sync", {"script": "return document.querySelectorAll("
+                                                                        "'.js-plotly-plot, canvas, svg.main-svg').length",
+                                                              "args": []})["value"]
+            time.sleep(0 if charts else 1)
         assert charts > 0
         screenshot(browser, "mlflow_system_metrics.png")
     finally:
