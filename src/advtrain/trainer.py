@@ -33,7 +33,7 @@ def pick_device(setting: str) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, as Linux lists them in /proc/cpuinfo).
-    Where it does, bf16 autocast trains PGD-10 on the small CNN 1.6-1.8x faster than fp32 (docs/benchmarks.md);
+    Where it does, bf16 autocast trains PGD-10 on the small CNN 1.7-1.8x faster than fp32 (docs/benchmarks.md);
     where it does not (AVX2 only: bf16 matmul ran at 1.4 GFLOP/s against 88 in fp32), `auto` stays fp32."""
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())

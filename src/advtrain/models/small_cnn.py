@@ -37,5 +37,5 @@ SPEC = ModelSpec(
     {"width": integer(1), "hidden": integer(1), "kernel": choice(3, 5)},
     fits=lambda s: s[1:] == (28, 28), fits_doc="it is built for 28x28 inputs",
     paper_name=lambda p: "SmallCNN",
-    cpu_threads=1,  # PGD-10 training, 2 cores: two one-thread processes 1,376 img/s each, one two-thread 2,287 (bf16)
+    cpu_threads=1,  # bf16 PGD-10 training: 1,090 img/s on one thread, 1,618 on two (docs/benchmarks.md)
 )
