@@ -13,12 +13,21 @@ from .errors import UserError
 
 
 @contextlib.contextmanager
-def exclusive(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `lock_file` (an advisory flock, released when the process ends, even by SIGKILL)."""
-    path = Path(lock_file)
+def _lock_file(path: Path) -> Iterator[int]:
+    """The lock file's descriptor, its folder made if missing; closing it releases any flock on it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file` (an advisory flock, released when the process ends, even by SIGKILL)."""
+    path = Path(lock_file)
+    with _lock_file(path) as fd:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -28,19 +37,12 @@ def exclusive(lock_file: str | os.PathLike, what: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
 def one_at_a_time(lock_file: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file`, waiting while another process holds it (an advisory flock, released
     when the holder ends, even by SIGKILL)."""
-    path = Path(lock_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    with _lock_file(Path(lock_file)) as fd:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
-    finally:
-        os.close(fd)

@@ -1,4 +1,5 @@
 # Shared by the rules: the validated settings, the configured runs, the path patterns and the wildcard constraints.
+import functools
 import json
 import os
 import sys
@@ -72,9 +73,19 @@ BIG = dict(mem_mb=16000, runtime=24 * 60)
 SMALL = dict(mem_mb=2000, runtime=30)
 
 
+@functools.lru_cache(maxsize=None)
+def _run_config(method, dataset, seed, teacher):
+    return (PARAMS.teacher_config if teacher else PARAMS.resolve)(method, dataset, int(seed))
+
+
+def run_config(wildcards, teacher=False):
+    """A job's resolved settings (the teacher's for `pretrain`), resolved once for its threads, GPUs and priority."""
+    return _run_config(wildcards.method, wildcards.dataset, wildcards.seed, teacher)
+
+
 def gpus(wildcards, teacher=False, evaluation=False):
     """GPUs of a training job (one per rank) or an evaluation job (one), when its device setting is `cuda`."""
-    cfg = (PARAMS.teacher_config if teacher else PARAMS.resolve)(wildcards.method, wildcards.dataset, int(wildcards.seed))
+    cfg = run_config(wildcards, teacher)
     if evaluation:
         return int(cfg.evaluation["device"] == "cuda")
     return cfg.training["devices"] if cfg.training["device"] == "cuda" else 0
@@ -85,7 +96,7 @@ def longest_first(wildcards):
     with FAB-T and Square is the longest job of a run (in the demo, PGD-AT's: 300 of the workflow's ~1,150 job-seconds),
     so that run's jobs start first and the other runs fill the other cores around it instead of leaving it alone at the
     end (longest-processing-time-first list scheduling)."""
-    autoattack = PARAMS.resolve(wildcards.method, wildcards.dataset, int(wildcards.seed)).evaluation["autoattack"]
+    autoattack = run_config(wildcards).evaluation["autoattack"]
     return len(AA_VERSIONS.get(autoattack, ()))
 
 
@@ -95,5 +106,4 @@ def rank_threads(wildcards, teacher=False, evaluation=False):
     n = gpus(wildcards, teacher, evaluation)
     if n:
         return CPUS_PER_RANK * n
-    cfg = (PARAMS.teacher_config if teacher else PARAMS.resolve)(wildcards.method, wildcards.dataset, int(wildcards.seed))
-    return min(workflow.cores, MODELS[cfg.model].cpu_threads)
+    return min(workflow.cores, MODELS[run_config(wildcards, teacher).model].cpu_threads)
