@@ -3,7 +3,7 @@ naming a key (a ConfigError), never another exception."""
 import copy
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from advtrain.config import ConfigError, Params
@@ -30,6 +30,7 @@ values = st.one_of(
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(PATHS), value=values, new_key=st.booleans())
+@example(path=("datasets", "imagenet", "source", "name"), value=[], new_key=False)  # once a TypeError (unhashable)
 def test_every_mutation_is_accepted_or_refused_in_one_line(path, value, new_key):
     raw = copy.deepcopy(BASE)
     node = raw

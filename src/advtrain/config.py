@@ -90,7 +90,7 @@ def source_setting(v: Any, key: str) -> dict:
         v = {"name": v}
     if not isinstance(v, dict) or "name" not in v:
         fail(key, want, v)
-    if v["name"] not in SOURCES:
+    if not isinstance(v["name"], str) or v["name"] not in SOURCES:  # a list or mapping is no name (nor hashable)
         fail(key, want, v["name"])
     cls = SOURCES[v["name"]]
     return {"name": v["name"], **section(cls.params, cls.defaults)({k: x for k, x in v.items() if k != "name"}, key)}
