@@ -3,6 +3,8 @@ src/advtrain/faults.py), files are corrupted or truncated, a NaN is injected int
 unreachable. Each fault survived means: the rerun (the same command) completes, and ends exactly where an
 uninterrupted run ends (same weights, same per-epoch metrics, same evaluation), with every epoch in MLflow once."""
 import json
+import re
+import signal
 import shutil
 import subprocess
 from pathlib import Path
@@ -245,3 +247,52 @@ def test_an_unreachable_tracking_store_warns_once_and_the_run_is_synced_later(ba
     assert advtrain(proj, "sync", "pgd", "fashionmnist").returncode == 0  # twice is harmless: nothing logged twice
     assert epochs_in_mlflow(proj)[1] == [1, 2, 3]
     assert len(client.search_model_versions("name = 'advtrain-pgd-fashionmnist'")) == 1
+
+
+# --- checkpoints inside an epoch (src/advtrain/preemption.py) ---------------------------------------------------------
+EVERY_BATCH = {"datasets": {"fashionmnist": {"training": {"checkpoint_minutes": 1e-9}}}}  # not in the fingerprint
+
+
+def with_settings(proj, overlay: dict) -> list[str]:
+    (proj / "overlay.yaml").write_text(json.dumps(overlay))
+    return ["--params", "params.yaml,overlay.yaml"]
+
+
+def test_a_kill_inside_an_epoch_loses_only_the_batch_in_flight(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    settings = with_settings(proj, EVERY_BATCH)
+    p = advtrain(proj, *settings, "train", "pgd", "fashionmnist", fault="train.batch:15")  # epoch 2, its 5th batch
+    assert p.returncode == -9, p.stderr[-2000:]
+    state = torch.load(checkpoint(proj), weights_only=True)
+    assert state["epoch"] == 1 and state["in_epoch"]["batch"] == 4
+    p = advtrain(proj, *settings, "train", "pgd", "fashionmnist")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming in epoch 2/3 after batch 4/10" in p.stdout, p.stdout
+    assert_same_training(proj, reference)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_writes_a_checkpoint_at_the_next_batch_and_exits_for_a_retry(signum, base, reference, tmp_path):
+    """SLURM's time limit (SIGTERM) or its --signal warning (SIGUSR1): the run stops within a batch, with its place
+    saved, and an exit status a retry takes up; the same command then ends as an uninterrupted run."""
+    proj = fresh(base, tmp_path)
+    e = {**env(), "ADVTRAIN_DELAY": "train.batch=0.2"}
+    proc = subprocess.Popen([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], cwd=proj, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "epoch 2/3  batch 4/10" in line:
+            proc.send_signal(signum)
+    out = "".join(lines)
+    assert proc.wait(timeout=120) == 128 + signum, out[-3000:]
+    name = signal.Signals(signum).name
+    stop = re.search(rf"{name}: in epoch 2/3 after batch (\d+)/10: checkpoint written to .*; the same command "
+                     "resumes from there", out)
+    assert stop and "Traceback" not in out, out[-3000:]
+    state = torch.load(checkpoint(proj), weights_only=True)
+    assert state["epoch"] == 1 and state["in_epoch"]["batch"] == int(stop.group(1)) >= 4
+    assert epochs_in_mlflow(proj)[0].info.status == "KILLED"
+    p = advtrain(proj, "train", "pgd", "fashionmnist")
+    assert p.returncode == 0 and f"resuming in epoch 2/3 after batch {stop.group(1)}/10" in p.stdout
+    assert_same_training(proj, reference)

@@ -23,6 +23,7 @@ from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
 from .console import tee_to
 from .errors import UserError
+from .preemption import Preempted
 
 
 def run_evaluate(a: argparse.Namespace, params: Params) -> None:
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Preempted as e:  # a checkpoint is written and the line saying so printed: a failure to resubmit
+        return e.exit_code
     return 0
 
 

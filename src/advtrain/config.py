@@ -50,12 +50,14 @@ TRAINING = {
     # data-parallel ranks (distributed.py): `advtrain train` relaunches itself under torchrun when above 1
     "devices": integer(1),
     "sync_bn": boolean,  # SyncBatchNorm across the ranks (CUDA only; on the CPU each rank normalises its shard)
+    # a checkpoint inside an epoch every this many minutes (preemption.py); 0: at the ends of epochs only
+    "checkpoint_minutes": number(0),
 }
 TRAINING_DEFAULTS = {
     "epochs": 10, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "piecewise",
     "milestones": [0.5, 0.75], "lr_decay": 0.1, "cyclic_peak": 0.4, "precision": "auto", "channels_last": "auto",
     "device": "auto", "train_subset": 0, "val_points": 0, "val_pgd_steps": 10, "select": "last", "ema_decay": None,
-    "devices": 1, "sync_bn": False,
+    "devices": 1, "sync_bn": False, "checkpoint_minutes": 30,
 }
 
 EVALUATION = {
@@ -143,8 +145,8 @@ class RunConfig:
                 "method_params", "seed")
         fields = {k: getattr(self, k) for k in keys}
         # the number of ranks is left out: N ranks compute what one process computes (distributed.py), so a run
-        # resumes on another number of devices
-        fields["training"] = {k: v for k, v in self.training.items() if k != "devices"}
+        # resumes on another number of devices; how often it checkpoints changes nothing it computes
+        fields["training"] = {k: v for k, v in self.training.items() if k not in ("devices", "checkpoint_minutes")}
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -23,6 +23,7 @@ class World:
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device_in_use = None  # the device the collectives run on (set by start)
 
     @property
     def launched(self) -> bool:
@@ -39,6 +40,7 @@ class World:
         return self.rank == 0
 
     def start(self, device: torch.device) -> None:
+        self.device_in_use = device
         if self.on and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -67,6 +69,12 @@ class World:
         if self.on:
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value
+
+    def max(self, value: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return value
 
     def all_true(self, flag: bool, device: torch.device) -> bool:

@@ -12,11 +12,15 @@ ADVTRAIN_FAULT holds comma-separated faults `POINT[@MATCH][:N]`: the N-th time (
 
 ADVTRAIN_FAULT_RANK=R limits the faults to rank R of a torchrun world (RANK; one process is rank 0).
 
+ADVTRAIN_DELAY holds comma-separated `POINT=SECONDS`: every visit to POINT sleeps that long first (a slow node: the
+time-limit tests make training outlast a SLURM job's runtime without using the CPU).
+
 Unset (the normal case), every check is one dictionary lookup."""
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 _SPEC = os.environ.get("ADVTRAIN_FAULT", "")
 _FAULTS: dict[str, list[list]] = {}  # point -> [[match, remaining hits]]
@@ -29,10 +33,14 @@ if os.environ.get("ADVTRAIN_FAULT_RANK", os.environ.get("RANK", "0")) != os.envi
     _FAULTS.clear()
 
 NON_KILLING = {"train.nan"}
+_DELAYS = {p: float(t) for p, _, t in (item.partition("=") for item in os.environ.get("ADVTRAIN_DELAY", "").split(","))
+           if p.strip()}
 
 
 def fires(point: str, detail: str = "") -> bool:
     """Count a visit to `point`; True when a fault set on it is due (kill points never return then)."""
+    if _DELAYS:
+        time.sleep(_DELAYS.get(point, 0.0))
     faults = _FAULTS.get(point)
     if not faults:
         return False

@@ -135,6 +135,10 @@ class StreamLoader:
         return order, box, flips
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start: int = 0):
+        """The epoch's batches from batch `start` on (loader.DeviceLoader.batches: the same contract)."""
         order, box, flips = self.plan()
         n = len(order)
         parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
@@ -143,7 +147,8 @@ class StreamLoader:
         gpu_decode = cuda and self.decode_on in ("auto", "cuda") and self.reader.enc.kind == "jpeg"
         stage = ("bytes" if gpu_decode else "decoded") if cuda else "augmented"
         data = _Batches(self.reader.folder, self.reader.split, self.reader.meta, plan, stage, self.size)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=self.workers,
+        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, len(plan)),
+                                             num_workers=self.workers,
                                              pin_memory=cuda, prefetch_factor=4 if self.workers else None)
         for x, k in loader:
             if stage == "bytes":

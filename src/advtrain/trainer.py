@@ -18,6 +18,7 @@ from .lazy import torch
 from .loader import InMemory
 from .methods import METHODS
 from .models import model_for
+from .preemption import Checkpoints, Preempted
 
 
 class Callbacks(Protocol):
@@ -150,6 +151,11 @@ class Trainer:
         # checkpoint and the model file, so the same settings give byte-identical files
         self.run_key = cfg.train_fingerprint()
         self._batch = 0  # global minibatch index, for the schedule
+        # checkpoints inside an epoch, on a timer and at SIGTERM/SIGUSR1 (preemption.py); `_resume_at` is where a
+        # checkpoint written inside an epoch left it
+        self.checkpoints = Checkpoints(self.tr["checkpoint_minutes"], self.world)
+        self._in_epoch: dict | None = None
+        self._resume_at: dict | None = None
         self._global_n, self._shard, self._loss_scale = 0, slice(None), 1.0  # this rank's part of the minibatch
 
     # --- what methods call ------------------------------------------------------------------------------------
@@ -269,6 +275,7 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "best": self.best,
+            "in_epoch": self._in_epoch,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -283,6 +290,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
         self.best = s.get("best")
+        self._resume_at = s.get("in_epoch")
         self.run_key = s.get("run_key") or self.run_key  # checkpoints before the key existed keep a new one
 
     def save_checkpoint(self) -> None:
@@ -303,7 +311,9 @@ class Trainer:
             return False
         self.load_state_dict(state)
         done = " (finished: publishing it)" if self.epoch >= self.epochs or self.stop_reason else ""
-        self.log(f"[{self.cfg.name}] resuming after epoch {self.epoch}/{self.epochs} from {self.checkpoint_path}{done}")
+        where = (f"in epoch {self.epoch + 1}/{self.epochs} after batch {self._resume_at['batch']}/{len(self.loader)}"
+                 if self._resume_at else f"after epoch {self.epoch}/{self.epochs}")
+        self.log(f"[{self.cfg.name}] resuming {where} from {self.checkpoint_path}{done}")
         return True
 
     def fit(self, resume: bool = True) -> list[dict]:
@@ -316,17 +326,64 @@ class Trainer:
         ranks = f" x {self.world.size} ranks" if self.world.on else ""
         self.log(f"[{self.cfg.name}] {self.cfg.model} on {self.device}{ranks}, bf16={self.use_bf16}, "
                  f"channels_last={self.channels_last}, {self.n_train} images, {len(self.loader)} batches/epoch")
-        while self.epoch < epochs and self.stop_reason is None:
-            metrics = self.run_epoch()
-            self.epoch += 1
-            self.history.append(metrics)
-            if self.stop_reason:
-                self.log(f"[{self.cfg.name}] stopping after epoch {self.epoch}: {self.stop_reason}")
-            self.save_checkpoint()
-            faults.fires("train.epoch_end")
-            for cb in self.callbacks:
-                cb.on_epoch(self, metrics)
+        self.checkpoints.install()
+        try:
+            while self.epoch < epochs and self.stop_reason is None:
+                metrics = self.run_epoch()
+                self.epoch += 1
+                self.history.append(metrics)
+                if self.stop_reason:
+                    self.log(f"[{self.cfg.name}] stopping after epoch {self.epoch}: {self.stop_reason}")
+                self.save_checkpoint()
+                self.checkpoints.saved()
+                faults.fires("train.epoch_end")
+                for cb in self.callbacks:
+                    cb.on_epoch(self, metrics)
+                signum = self.checkpoints.agreed_signal()
+                if signum and self.epoch < epochs and self.stop_reason is None:
+                    self._preempted(signum, f"after epoch {self.epoch}/{epochs}")
+        finally:
+            self.checkpoints.uninstall()
         return self.history
+
+    def _save_in_epoch(self, batch: int, epoch_rng: torch.Tensor, seconds: float) -> None:
+        """A checkpoint after `batch` minibatches of the current epoch: what the rest of the epoch needs to continue
+        as if it had not stopped (the accumulators summed over the ranks land on the main rank when it resumes)."""
+        a = self.agree_epoch()
+        sums = {k: self.world.sum(torch.as_tensor(v, device=self.device)).cpu()
+                for k, v in self.method.epoch_sums().items()}
+        self._in_epoch = {"batch": batch, "loader_rng": epoch_rng, "seconds": seconds, "steps": self._steps,
+                          "step": int(self._acc["step"]), "method": sums,
+                          "acc": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}}
+        try:
+            self.save_checkpoint()
+        finally:
+            self._in_epoch = None
+        self.checkpoints.saved()
+        self.world.barrier()  # no rank leaves before the main rank's file is written
+
+    def _continue_epoch(self, at: dict) -> None:
+        """Put back the accumulators of a checkpoint written inside this epoch. The main rank takes the sums over
+        the ranks, the others start from zero: what the epoch's all-reduce adds up is the same."""
+        self.loader.generator.set_state(at["loader_rng"])
+        self._steps = at["steps"]
+        main = self.world.main
+        a, saved = self._acc, at["acc"]
+        for k in ("loss", "grad_l1", "clean_correct", "adv_correct"):
+            a[k] = (torch.as_tensor(saved[k]) if main else torch.zeros(())).to(self.device, a[k].dtype)
+        for k in ("n", "clean_n", "adv_n"):
+            a[k] = int(saved[k]) if main else 0
+        self._image_passes = int(saved["image_passes"]) if main else 0
+        a["step"] = torch.tensor(at["step"], dtype=torch.long, device=self.device)
+        a["finite"] = torch.tensor(bool(saved["finite"]), device=self.device)
+        a["first_bad"] = torch.tensor(int(saved["first_bad"]) if not saved["finite"] else 0, device=self.device)
+        self.method.load_epoch_sums({k: v if main else torch.zeros_like(v) for k, v in at["method"].items()})
+
+    def _preempted(self, signum: int, where: str) -> None:
+        if self.world.main:
+            self.log(f"[{self.cfg.name}] {Preempted(signum, where).args[0]}: checkpoint written to "
+                     f"{self.checkpoint_path}; the same command resumes from there")
+        raise Preempted(signum, where)
 
     # --- validation and model selection --------------------------------------------------------------------------
 
@@ -426,8 +483,13 @@ class Trainer:
         steps_in_use = self.method.attack_steps()
         n_batches = len(self.loader)
         report_every = max(1, n_batches // 4)
+        at, self._resume_at = self._resume_at, None
+        if at:
+            self._continue_epoch(at)
+        start, earlier = (at["batch"], at["seconds"]) if at else (0, 0.0)
+        epoch_rng = self.loader.generator.get_state()  # before the epoch's draws: a mid-epoch checkpoint replays them
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(self.loader):  # under torchrun: this rank's part of global batch i
+        for i, (x, y) in enumerate(self.loader.batches(start), start):  # under torchrun: this rank's part of batch i
             self._batch = epoch * n_batches + i
             if self.world.on:
                 n = self.loader.global_batch(i)
@@ -435,13 +497,22 @@ class Trainer:
                 self._loss_scale = self.world.loss_scale(n, len(y))
             faults.fires("train.batch")
             self.method.step(self, x, y)
+            if i + 1 < n_batches:
+                save, signum = self.checkpoints.due(i)
+                if save:
+                    self._save_in_epoch(i + 1, epoch_rng, earlier + time.perf_counter() - t0)
+                    if signum:
+                        self._preempted(signum, f"in epoch {epoch + 1}/{self.epochs} after batch {i + 1}/{n_batches}")
+                    if self.world.main:
+                        self.log(f"[{self.cfg.name}] checkpoint in epoch {epoch + 1}/{self.epochs} after batch "
+                                 f"{i + 1}/{n_batches}")
             if (i + 1) % report_every == 0 and i + 1 < n_batches and self.world.main:
-                rate = (i + 1) * self.tr["batch_size"] / (time.perf_counter() - t0)
+                rate = (i + 1 - start) * self.tr["batch_size"] / (time.perf_counter() - t0)
                 self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  batch {i + 1}/{n_batches}  "
                          f"{rate:.0f} img/s")
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = earlier + time.perf_counter() - t0
         a = self.agree_epoch()
         if not bool(a["finite"]):
             kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {self.checkpoint_path}"

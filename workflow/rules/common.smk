@@ -4,7 +4,7 @@ import json
 import os
 import sys
 
-from advtrain import paths
+from advtrain import paths, resources
 from advtrain.config import Params, merge
 from advtrain.errors import UserError
 from advtrain.evaluate import AA_VERSIONS
@@ -65,11 +65,9 @@ def pattern(template, **fixed):
 
 
 # --- resources: what a job asks of a cluster (workflow/profiles/slurm); locally only `threads` counts ----------------
-# The defaults suit CIFAR-size runs on one GPU node; a cluster's profile or `--set-resources RULE:KEY=VALUE` changes
-# them without editing a rule. Training and evaluation take GPUs when training.device is `cuda`: training one per
-# rank (training.devices; `advtrain train` relaunches itself under torchrun), evaluation one when evaluation.device is.
-CPUS_PER_RANK = 4  # data-loading and attack bookkeeping threads per GPU rank
-BIG = dict(mem_mb=16000, runtime=24 * 60)
+# src/advtrain/resources.py says how: GPUs per rank when the recipe needs them (`device: auto` with a GPU model, or
+# `cuda`), one node, CPUs and memory per GPU, prepare sized to its dataset. A cluster's profile or
+# `--set-resources RULE:KEY=VALUE` changes any of them without editing a rule.
 SMALL = dict(mem_mb=2000, runtime=30)
 
 
@@ -84,11 +82,24 @@ def run_config(wildcards, teacher=False):
 
 
 def gpus(wildcards, teacher=False, evaluation=False):
-    """GPUs of a training job (one per rank) or an evaluation job (one), when its device setting is `cuda`."""
+    """GPUs of a training job (one per rank) or an evaluation job."""
     cfg = run_config(wildcards, teacher)
     if evaluation:
-        return int(cfg.evaluation["device"] == "cuda")
-    return cfg.training["devices"] if cfg.training["device"] == "cuda" else 0
+        return resources.planned_gpus(cfg.evaluation["device"], cfg.model)
+    return resources.planned_gpus(cfg.training["device"], cfg.model, cfg.training["devices"])
+
+
+def job_resources(stage, teacher=False, evaluation=False):
+    """A train/pretrain/evaluate rule's resources: gpu, nodes, mem_mb, runtime (each a function of the job)."""
+
+    def get(key):
+        return lambda wc: resources.gpu_job(gpus(wc, teacher, evaluation), run_config(wc, teacher).info, stage)[key]
+
+    return {key: get(key) for key in ("gpu", "nodes", "mem_mb", "runtime")}
+
+
+def prepare_resources(key):
+    return lambda wc: resources.prepare_job(PARAMS.source(wc.dataset))[1][key]
 
 
 def longest_first(wildcards):
@@ -101,9 +112,9 @@ def longest_first(wildcards):
 
 
 def rank_threads(wildcards, teacher=False, evaluation=False):
-    """A GPU job: CPUS_PER_RANK per GPU. A CPU job: its model's cpu_threads (models/base.py), up to the cores given
-    (small_cnn: 1, so `--cores 2` runs two jobs side by side). Snakemake passes it on as OMP_NUM_THREADS."""
+    """A GPU job: resources.CPUS_PER_GPU per GPU. A CPU job: its model's cpu_threads (models/base.py), up to the cores
+    given (small_cnn: 1, so `--cores 2` runs two jobs side by side). Snakemake passes it on as OMP_NUM_THREADS."""
     n = gpus(wildcards, teacher, evaluation)
     if n:
-        return CPUS_PER_RANK * n
+        return resources.gpu_threads(n, run_config(wildcards, teacher).info)
     return min(workflow.cores, MODELS[run_config(wildcards, teacher).model].cpu_threads)

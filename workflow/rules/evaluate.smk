@@ -14,9 +14,8 @@ rule evaluate:
     threads: lambda wc: rank_threads(wc, evaluation=True)
     priority: longest_first
     resources:
-        gpu=lambda wc: gpus(wc, evaluation=True),
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
-        **BIG,
+        **job_resources("evaluate", evaluation=True),
     shell:
         "advtrain --log {log} evaluate {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"
 

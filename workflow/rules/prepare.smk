@@ -7,7 +7,10 @@ rule prepare:
         source=settings("datasets", "{dataset}", "source"),
     log:
         pattern(paths.LOG, stage="prepare", name="{dataset}"),
+    threads: lambda wc: resources.prepare_job(PARAMS.source(wc.dataset))[0]
     resources:
-        **SMALL,
+        cpus_per_task=lambda wc, threads: threads,
+        mem_mb=prepare_resources("mem_mb"),
+        runtime=prepare_resources("runtime"),
     shell:
         "advtrain --log {log} prepare {wildcards.dataset}"

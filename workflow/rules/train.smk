@@ -27,9 +27,8 @@ rule pretrain:
     threads: lambda wc: rank_threads(wc, teacher=True)
     priority: longest_first
     resources:
-        gpu=lambda wc: gpus(wc, teacher=True),
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
-        **BIG,
+        **job_resources("train", teacher=True),
     shell:
         "advtrain --log {log} pretrain {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"
 
@@ -48,8 +47,7 @@ rule train:
     threads: rank_threads
     priority: longest_first
     resources:
-        gpu=gpus,
         cpus_per_task=lambda wc, threads: threads,  # on a cluster: the threads asked for
-        **BIG,
+        **job_resources("train"),
     shell:
         "advtrain --log {log} train {wildcards.method} {wildcards.dataset} --seed {wildcards.seed}"

@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+from .. import resources
 from ..checkpoint import load_classifier
 from ..config import Params
 from ..console import log
@@ -28,6 +29,9 @@ from ..trainer import pick_device
 
 def run(params: Params, method: str, dataset: str, seed: int | None = None) -> dict:
     cfg = params.resolve(method, dataset, seed)
+    device = cfg.evaluation["device"]
+    resources.require_planned_gpus(resources.planned_gpus(device, cfg.model), cfg.name,
+                                   f"evaluation.device {device} with {cfg.model}")
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
         return _run(cfg, method, dataset)
 

@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import resources
 from ..checkpoint import cpu_state, load_classifier, save_model
 from ..config import Params, RunConfig
 from ..console import log
@@ -18,6 +19,7 @@ from ..methods import METHODS
 from ..locking import exclusive
 from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,
                      train_metrics_path)
+from ..preemption import Preempted
 from ..prepared import data_digest, open_split
 from ..provenance import versions
 from ..tracking import TrainingTracker, registered_name, run_title, tracking_uri
@@ -63,7 +65,7 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
         history = trainer.fit(resume=not restart)
     except BaseException as e:
         if tracker:
-            tracker.finish(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.finish(status="KILLED" if isinstance(e, (KeyboardInterrupt, Preempted)) else "FAILED")
         raise
     finally:
         world.stop()
@@ -114,9 +116,17 @@ def load_teacher(cfg: RunConfig):
     return load_classifier(path, cfg.info, expect={"dataset": cfg.dataset}, kind="teacher")[1]
 
 
+def require_gpus(cfg: RunConfig) -> None:
+    """A cluster job planned for GPUs (resources.py) that sees none stops here, before anything is loaded."""
+    device = cfg.training["device"]
+    planned = resources.planned_gpus(device, cfg.model, cfg.training["devices"])
+    resources.require_planned_gpus(planned, cfg.name, f"training.device {device} with {cfg.model}")
+
+
 def train(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
           argv: list[str] | None = None) -> None:
     cfg = params.resolve(method, dataset, seed)
+    require_gpus(cfg)
     relaunch_under_torchrun(cfg, argv)
     teacher = load_teacher(cfg) if METHODS[method].needs_teacher else None
     fit(cfg, model_path(method, dataset, cfg.seed), train_metrics_path(method, dataset, cfg.seed), restart,
@@ -126,6 +136,7 @@ def train(params: Params, method: str, dataset: str, seed: int | None = None, re
 def pretrain(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
              argv: list[str] | None = None) -> None:
     cfg = params.teacher_config(method, dataset, seed)
+    require_gpus(cfg)
     relaunch_under_torchrun(cfg, argv)
     fit(cfg, teacher_path(method, dataset, cfg.seed), teacher_metrics_path(method, dataset, cfg.seed), restart,
         kind="teacher")

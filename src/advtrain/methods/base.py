@@ -71,6 +71,14 @@ class Method:
         """Called after each epoch with its metrics (grad_l1 among them); returns extra metrics to log."""
         return {}
 
+    def epoch_sums(self) -> dict:
+        """The method's own accumulators of the epoch in progress, each a sum over minibatches (a number or a
+        tensor), for a checkpoint written inside an epoch (preemption.py)."""
+        return {}
+
+    def load_epoch_sums(self, sums: dict) -> None:
+        pass
+
     def state_dict(self) -> dict:
         return {}
 

@@ -86,6 +86,13 @@ class DYNAT(Method):
             out["teacher_acc"] = (predict(self.teacher, x, autocast=trainer.autocast) == y).sum().item() / len(y)
         return out
 
+    def epoch_sums(self) -> dict:
+        return {"agree": self._agree, "seen": self._seen}
+
+    def load_epoch_sums(self, sums: dict) -> None:
+        self._agree = sums["agree"].to(self.device, torch.long)
+        self._seen = int(sums["seen"])
+
     def state_dict(self) -> dict:
         return {"teacher": self.teacher.state_dict()}
 

@@ -93,6 +93,9 @@ class ModelSpec:
     # CPU threads a job of this model uses best (Snakemake's `threads:` for CPU jobs, up to the cores given). A small
     # network keeps two threads of one process only partly busy: two one-thread jobs side by side get more done.
     cpu_threads: int = 8
+    # Whether `device: auto` plans a GPU for a cluster job of this model (resources.py): a network the CPU trains in
+    # minutes does not need one.
+    gpu: bool = True
 
     def architecture(self, params: dict[str, Any]) -> str:
         return self.paper_name(params) if self.paper_name else self.name

@@ -37,5 +37,6 @@ SPEC = ModelSpec(
     {"width": integer(1), "hidden": integer(1), "kernel": choice(3, 5)},
     fits=lambda s: s[1:] == (28, 28), fits_doc="it is built for 28x28 inputs",
     paper_name=lambda p: "SmallCNN",
+    gpu=False,
     cpu_threads=1,  # bf16 PGD-10 training: 1,090 img/s on one thread, 1,618 on two (docs/benchmarks.md)
 )

@@ -74,6 +74,10 @@ class Source:
         """What a model of this data is built from: shape, number of classes, normalisation."""
         return {"shape": tuple(self.shape), "classes": self.num_classes, "mean": tuple(self.mean), "std": tuple(self.std)}
 
+    def expected_images(self) -> int | None:
+        """Images in both splits, when known before preparing (a cluster's `prepare` job is sized from it)."""
+        return sum(self.sizes.values()) if self.sizes else None
+
     def fetch(self, raw_dir: Path) -> Fetched:
         """Both splits, verified against the published checksums; a UserError names what is wrong and the fix."""
         raise NotImplementedError

@@ -25,6 +25,9 @@ class ImageNet(ImageFolder):
     name = "imagenet"
     defaults = {**ImageFolder.defaults, "size": 224, "store_size": 256, "num_classes": 1000}
 
+    def expected_images(self) -> int:
+        return 1_281_167 + (5_000 if self.settings["test_list"] else 50_000)  # RobustBench's subset, or all of val
+
     def root(self, raw_dir: Path) -> Path:
         return Path(self.settings["path"] or Path(raw_dir) / "imagenet")
 
