@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import BIN, env, make_project, run
 
@@ -161,12 +162,69 @@ def test_the_tiny_workflow_runs_on_slurm_and_gives_the_local_result(cluster, sna
     assert untimed(here) == untimed(local)
 
 
-def test_the_slurm_profile_plans_the_cifar10_graph_with_its_resources(tmp_path):
-    proj = make_project(tmp_path / "plan", {"datasets": {"cifar10": {"training": {"device": "cuda", "devices": 2}}}})
-    out = run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n",
-               "results/deat_cifar10.json"], proj).stdout
-    for rule in ("prepare", "train", "evaluate", "aggregate"):
-        assert re.search(rf"^{rule}\s+\d+$", out, re.M), (rule, out[-3000:])
-    train = out[out.index("rule train:"):].split("\n\n")[0]
-    assert re.search(r"gpu=2\b", train) and re.search(r"mem_mb=\d+", train) and re.search(r"runtime=\d+", train), train
-    assert re.search(r"threads: \d+", train), train
+def test_a_train_job_past_its_time_limit_is_resubmitted_and_ends_as_an_uninterrupted_run(cluster, snakemake_project,
+                                                                                          tmp_path):
+    """SLURM's own time limit: train's runtime is 1 minute and its training takes about three (each minibatch made
+    slow by a sleep, so the CPU stays free). SLURM kills the job at its limit, the SIGTERM makes it checkpoint at
+    the next minibatch, Snakemake's retries submit it again, and it resumes there; the weights equal the local,
+    uninterrupted run's."""
+    proj = make_project(tmp_path / "limit")
+    target = "models/pgd_fashionmnist_seed0.pt"
+    e = {**cluster["env"], "ADVTRAIN_DELAY": "train.batch=1.5"}  # 114 minibatches: ~170 s of training
+    p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", *RESOURCES,
+                        "--set-resources", "train:mem_mb=3000", "train:runtime=1", "--retries", "6", "--jobs", "1",
+                        target], cwd=proj, env=e, capture_output=True, text=True, timeout=1500)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    seen = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T %k"], env=cluster["env"], capture_output=True,
+                          text=True).stdout
+    train = sorted((int(line.split()[0]), line.split()[1]) for line in seen.splitlines() if "rule_train" in line)
+    assert sum(state == "TIMEOUT" for _, state in train) >= 2 and train[-1][1] == "COMPLETED", seen
+    logs = "".join(f.read_text() for f in (proj / ".snakemake/slurm_logs").rglob("*.log"))
+    assert "SIGTERM: in epoch" in logs and "resuming in epoch" in logs, logs[-4000:]
+    here = torch.load(proj / target, weights_only=True)["model"]
+    local = torch.load(snakemake_project / target, weights_only=True)["model"]
+    assert here.keys() == local.keys() and all(torch.equal(here[k], local[k]) for k in local)
+
+
+def slurm_plan(proj: Path, target: str) -> dict[str, dict]:
+    """`snakemake --workflow-profile workflow/profiles/slurm -n TARGET`: each planned rule's threads and resources."""
+    out = run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", target], proj).stdout
+    jobs = {}
+    for block in re.split(r"\n(?=\[|rule |localrule )", out):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        if head:
+            res = re.search(r"resources: (.*)", block)
+            fields = dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {}
+            threads = re.search(r"threads: (\d+)", block)
+            jobs[head.group(1)] = {**fields, "threads": threads.group(1) if threads else "1"}
+    return jobs
+
+
+def test_the_slurm_plan_asks_for_the_gpus_cpus_and_memory_the_shipped_recipes_need(tmp_path):
+    """device: auto with a ResNet means GPUs on a cluster: one node, training.devices GPUs, CPUs and memory per GPU;
+    prepare of ImageNet gets a process per CPU and hours; the small CNN of the demo stays a CPU job."""
+    proj = make_project(tmp_path / "plan")
+    cifar = slurm_plan(proj, "results/deat_cifar10.json")
+    assert {k: cifar["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
+        {"gpu": "1", "nodes": "1", "cpus_per_task": "4", "mem_mb": "16000", "threads": "4"}
+    assert cifar["train"]["slurm_extra"] == "--signal=USR1@300" and int(cifar["train"]["runtime"]) >= 600
+    assert cifar["evaluate"]["gpu"] == "1" and cifar["prepare"]["threads"] == "1"
+    inet = slurm_plan(proj, "results/deat_imagenet.json")
+    assert {k: inet["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
+        {"gpu": "8", "nodes": "1", "cpus_per_task": "64", "mem_mb": "256000", "threads": "64"}
+    assert inet["prepare"]["threads"] == "16" and int(inet["prepare"]["runtime"]) >= 4 * 60
+    assert int(inet["prepare"]["mem_mb"]) >= 16000
+    tiny = slurm_plan(proj, "results/pgd_fashionmnist.json")
+    assert tiny["train"]["gpu"] == "0" and tiny["evaluate"]["gpu"] == "0"
+
+
+def test_a_gpu_recipe_in_a_slurm_job_without_a_gpu_stops_at_once_in_one_line(tmp_path):
+    proj = make_project(tmp_path / "nogpu")
+    p = run([str(BIN / "advtrain"), "train", "deat", "cifar10"], proj, check=False,
+            extra_env={"SLURM_JOB_ID": "4242", "SLURMD_NODENAME": "cpu-node-7"})
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1, p.stderr
+    assert ("SLURM job 4242 on cpu-node-7 sees no GPU, but training.device auto with preact_resnet18 plans 1 for it"
+            in err), err
+    assert not (proj / "data/prepared/cifar10").exists()  # nothing started
