@@ -1,14 +1,17 @@
 """Data-parallel training under torchrun with gloo on the CPU: 2 ranks compute what one process computes, only rank 0
 writes, and a run whose rank is SIGKILLed resumes under torchrun to the uninterrupted run's weights."""
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BIN, deep_update, make_project, run
+from conftest import BIN, deep_update, env, make_project, run
 
 # 2 epochs of PGD-AT and DEAT on 1,000 images of Fashion-MNIST in global batches of 100: 50 per rank. DEAT's gamma
 # is low enough that its replay count grows in epoch 2, so the rule's agreement across ranks is exercised.
@@ -121,3 +124,29 @@ def test_a_killed_rank_resumes_under_torchrun_to_the_uninterrupted_weights(runs,
     timing = ("seconds", "images_per_s")
     assert ([{k: v for k, v in m.items() if k not in timing} for m in epochs(proj, "deat")]
             == [{k: v for k, v in m.items() if k not in timing} for m in epochs(two, "deat")])
+
+
+def test_sigterm_to_every_rank_stops_them_at_one_minibatch_and_the_run_resumes_there(runs, tmp_path):
+    """SLURM signals every process of a job step: torchrun and both ranks get SIGTERM. The ranks agree on the
+    minibatch to stop after, rank 0 writes the checkpoint, and the rerun ends with the uninterrupted weights."""
+    _, two, _ = runs
+    proj = project(tmp_path, "sigterm", 2, prepared_from=two)
+    proc = subprocess.Popen([str(BIN / "advtrain"), "train", "deat", "fashionmnist"], cwd=proj,
+                            env={**env(), "ADVTRAIN_DELAY": "train.batch=0.3"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[deat_fashionmnist_seed0] epoch 2/2  batch 2/10"):
+            os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(lines)
+    assert proc.wait(timeout=300) != 0
+    stops = re.findall(r"SIGTERM: in epoch 2/2 after batch (\d+)/10: checkpoint written", out)
+    assert len(stops) == 1, out[-4000:]  # one line, from rank 0
+    state = torch.load(next((proj / "checkpoints/deat_fashionmnist_seed0").glob("*.pt")), weights_only=True)
+    assert state["epoch"] == 1 and state["in_epoch"]["batch"] == int(stops[0]) == 8  # the ranks' first agreement
+    p = train(proj, "deat")
+    assert "resuming in epoch 2/2 after batch 8/10" in p.stdout
+    a, b = weights(two, "deat"), weights(proj, "deat")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

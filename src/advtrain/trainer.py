@@ -370,7 +370,8 @@ class Trainer:
         main = self.world.main
         a, saved = self._acc, at["acc"]
         for k in ("loss", "grad_l1", "clean_correct", "adv_correct"):
-            a[k] = (torch.as_tensor(saved[k]) if main else torch.zeros(())).to(self.device, a[k].dtype)
+            # the main rank keeps the saved sum's dtype (float64 once summed over ranks): nothing is rounded away
+            a[k] = torch.as_tensor(saved[k]).to(self.device) if main else torch.zeros_like(a[k])
         for k in ("n", "clean_n", "adv_n"):
             a[k] = int(saved[k]) if main else 0
         self._image_passes = int(saved["image_passes"]) if main else 0
