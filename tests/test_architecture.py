@@ -87,7 +87,8 @@ def test_leaves_import_nothing_of_the_package_but_leaves():
             assert "advtrain.config" not in deps, node
     assert graph["advtrain.cli"] <= {f"advtrain.commands.{c}" for c in
                                      ("aggregate", "check", "evaluate", "prepare", "report", "sync", "train")} | {
-        "advtrain.commands", "advtrain.config", "advtrain.console", "advtrain.errors"}
+        "advtrain.commands", "advtrain.config", "advtrain.console", "advtrain.errors",
+        "advtrain.preemption"}  # the exit status of a run stopped by a signal, as errors' is of a refusal
 
 
 def test_checking_the_params_imports_no_torch():

@@ -18,6 +18,7 @@ import math
 import os
 
 from .errors import UserError
+from .lazy import torch
 from .models import MODELS
 
 CPUS_PER_GPU = {"streamed": 8, "in_memory": 4}  # loader workers per rank: torchvision's ImageNet recipe uses 8
@@ -73,8 +74,6 @@ def require_planned_gpus(gpus: int, what: str, setting: str) -> None:
     job = os.environ.get("SLURM_JOB_ID")
     if not gpus or not job:
         return
-    from .lazy import torch
-
     if torch.cuda.device_count() == 0:
         node = os.environ.get("SLURMD_NODENAME", "its node")
         raise UserError(f"{what}: SLURM job {job} on {node} sees no GPU, but {setting} plans {gpus} for it: submit "
