@@ -78,7 +78,7 @@ class Encoding:
                 box = None
                 if self.kind == "jpeg" and img.format == "JPEG":  # DCT scaling: 1/2, 1/4 or 1/8 that leaves >= 2S
                     k = next((k for k in (8, 4, 2) if min(w, h) >= 2 * s * k), 1)
-                    drafted = img.draft("RGB", (w // k, h // k)) if k > 1 else None  # w // (w // k) is in [k, 2k)
+                    drafted = img.draft("RGB", (w // k, h // k)) if k > 1 else None  # PIL then picks scale k
                     box = drafted[1] if drafted else None  # the source area in the reduced image's pixels
                 img = img.convert("RGB")
                 if box is not None or img.size != size:  # torchvision's Resize returns an image of its size as is
@@ -124,8 +124,12 @@ def shard_inputs(chunk: list[tuple[str, int]], enc: Encoding) -> str:
 
     h = hashlib.sha256(json.dumps([RESIZE_POLICY, enc.settings(), pillow]).encode())
     for path, label in chunk:
-        st = os.stat(path)
-        h.update(json.dumps([path, label, st.st_size, st.st_mtime_ns]).encode())
+        try:
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns]
+        except OSError:  # gone or a broken link: the encoder names it as unreadable
+            stamp = None
+        h.update(json.dumps([path, label, stamp]).encode())
     return h.hexdigest()
 
 

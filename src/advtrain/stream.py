@@ -24,10 +24,10 @@ ATTEMPTS = 10  # torchvision's tries before it falls back to a central crop
 def crop_draws(n: int, scale: tuple[float, float], g: torch.Generator) -> tuple[torch.Tensor, ...]:
     """The random numbers of n RandomResizedCrop boxes, as torchvision draws them per attempt: the area fraction
     (float32 uniform in `scale`), the log aspect ratio (float32 uniform in LOG_RATIO), and the top and left
-    positions (uniform [0, 1), float64, scaled to the free range as torch.randint(0, free) picks)."""
+    positions (uniform [0, 1), scaled to the free range as torch.randint(0, free) picks)."""
     fraction = torch.empty(n, ATTEMPTS).uniform_(scale[0], scale[1], generator=g)
     log_ratio = torch.empty(n, ATTEMPTS).uniform_(*LOG_RATIO, generator=g)
-    position = torch.rand(n, ATTEMPTS, 2, dtype=torch.float64, generator=g)
+    position = torch.rand(n, ATTEMPTS, 2, generator=g)
     return fraction, log_ratio, position
 
 
@@ -47,7 +47,7 @@ def boxes_from_draws(hw: torch.Tensor, fraction: torch.Tensor, log_ratio: torch.
     found = fits.any(1)
     pick = fits.int().argmax(1)
     rows = torch.arange(n)
-    w, h, position = w[rows, pick], h[rows, pick], position[rows, pick]
+    w, h, position = w[rows, pick], h[rows, pick], position[rows, pick].double()
     height, width = height[:, 0], width[:, 0]
     y0 = torch.floor(position[:, 0] * (height - h + 1))  # torchvision draws the top, then the left
     x0 = torch.floor(position[:, 1] * (width - w + 1))
@@ -62,7 +62,10 @@ def boxes_from_draws(hw: torch.Tensor, fraction: torch.Tensor, log_ratio: torch.
 def resized_crop_boxes(hw: torch.Tensor, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
     """torchvision's RandomResizedCrop box sampling over whole images of sizes hw ((n, 2): height, width): (n, 4)
     float boxes (x0, y0, w, h) in pixels."""
-    return boxes_from_draws(hw, *crop_draws(len(hw), scale, g))
+    draws = crop_draws(len(hw), scale, g)
+    step = 1 << 16  # in parts: float64 temporaries of all of ImageNet's draws would take about a gigabyte
+    return torch.cat([boxes_from_draws(hw[i:i + step], *(d[i:i + step] for d in draws))
+                      for i in range(0, len(hw), step)]) if len(hw) else torch.empty(0, 4)
 
 
 def centre_offsets(hw: torch.Tensor, size: int) -> torch.Tensor:
