@@ -5,8 +5,8 @@
 
 1. Writes --images JPEG files in torchvision's ImageFolder layout (10 classes) at ImageNet's typical sizes (sides
    drawn from 300-500 x 250-500 pixels, quality 90, textured content: see `photo`), or reads --folder.
-2. `prepare`s them with the imagefolder source (size 224, stored 256x256, JPEG quality 90, or --encoding raw), timed:
-   that is the one-off cost per image, and the shards' size is the disk cost.
+2. `prepare`s them with the imagefolder source (size 224, stored at shorter side 256, JPEG quality 90, or --encoding
+   raw), timed: that is the one-off cost per image, and the shards' size is the disk cost.
 3. Times, for --batches batches of --batch-size after --warmup batches:
    REFERENCE  torchvision.datasets.ImageFolder + transforms (RandomResizedCrop(224), RandomHorizontalFlip,
               ToTensor) + torch.utils.data.DataLoader(shuffle, --workers workers, pinned memory on CUDA), each

@@ -73,9 +73,11 @@ def test_crop_resize_is_an_exact_crop_at_the_output_size_and_torchvisions_resize
 
 
 def test_resized_crop_boxes_follow_torchvision_and_the_seed():
+    """Square 256 x 256 images here; tests/test_preprocessing.py checks other shapes against torchvision itself."""
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    box = resized_crop_boxes(4000, 256, (0.08, 1.0), g())
-    assert torch.equal(box, resized_crop_boxes(4000, 256, (0.08, 1.0), g()))
+    hw = torch.tensor([[256, 256]]).repeat(4000, 1)  # each image's (height, width)
+    box = resized_crop_boxes(hw, (0.08, 1.0), g())
+    assert torch.equal(box, resized_crop_boxes(hw, (0.08, 1.0), g()))
     x0, y0, w, h = box.unbind(1)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 256).all() and (y0 + h <= 256).all()
     area = w * h / 256 ** 2

@@ -3,12 +3,15 @@
 In-memory sources, data/prepared/<dataset>/:
   train.pt, test.pt   {"images": uint8 (N, C, H, W), "labels": int64 (N,)}
   meta.json           shape, classes, the source and its checksums, sha256 of train.pt and test.pt (written last)
-Streamed sources: shards of resized images (shards.py), and the same meta.json with "format": "shards".
+Streamed sources: shards of resized images (shards.py), and the same meta.json with "format": "shards"; a killed
+prepare of shards continues from the shards it had written (shards.write_split).
 Either way meta.json is written last: a prepare killed half-way leaves no meta.json, and the readers refuse it."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from .io import save_torch, sha256_file, write_json
 from .lazy import torch
 from .loader import InMemory
 from .paths import split_identity
-from .shards import RESIZE_POLICY, ShardReader, split_digest, write_split
+from .shards import RECORDS, RESIZE_POLICY, UNREADABLE_LISTED, ShardReader, split_digest, write_split
 from .sources import Source
 from .stream import ShardedData, centre
 
@@ -61,9 +64,15 @@ def prepare_shards(source: Source, out_dir: Path, raw_dir: Path) -> dict:
     enc = source.encoding()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
+    for left in out_dir.glob(".*.*"):  # the temporary folders of writes a killed prepare left (io.atomic_path)
+        if left.is_dir() and re.fullmatch(r"\.(.+-\d{5}\.bin|.+\.index\.pt|meta\.json)\.[^.]+", left.name):
+            shutil.rmtree(left, ignore_errors=True)
     workers = min(os.cpu_count() or 1, 16)
-    splits = {split: write_split(out_dir, split, files, enc, source.settings["shard_images"], workers)
+    unreadable: list[tuple[str, str]] = []
+    splits = {split: write_split(out_dir, split, files, enc, source.settings["shard_images"], workers, unreadable)
               for split, files in (("train", listed.train), ("test", listed.test))}
+    if unreadable:
+        raise UserError(unreadable_message(unreadable))
     keep = {name for e in splits.values() for name in [*e["shards"], e["index"]["name"]]}
     for stale in out_dir.glob("*-*.bin"):  # shards of an earlier, larger prepare
         if stale.name not in keep:
@@ -86,7 +95,17 @@ def prepare_shards(source: Source, out_dir: Path, raw_dir: Path) -> dict:
         "source": listed.provenance,
     }
     write_json(out_dir / "meta.json", meta)
+    shutil.rmtree(out_dir / RECORDS, ignore_errors=True)  # finished: meta.json and the indexes hold it all
     return meta
+
+
+def unreadable_message(unreadable: list[tuple[str, str]]) -> str:
+    """One line naming the unreadable images (the first UNREADABLE_LISTED by path, then a count)."""
+    listed = sorted(unreadable)
+    named = "; ".join(f"{path} ({reason})" for path, reason in listed[:UNREADABLE_LISTED])
+    more = f"; and {len(listed) - UNREADABLE_LISTED} more" if len(listed) > UNREADABLE_LISTED else ""
+    return (f"{len(listed)} unreadable image{'s' if len(listed) > 1 else ''}: {named}{more}: replace (the shards "
+            "already written are then reused) or delete them, then prepare again")
 
 
 def read_meta(d: Path) -> tuple[dict, str]:

@@ -16,56 +16,94 @@ from .lazy import F, torch
 from .loader import shard_rows
 from .shards import ShardReader
 
-LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))  # torchvision's RandomResizedCrop aspect-ratio range
-ATTEMPTS = 10  # torchvision's tries before it falls back to the whole image
+RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect-ratio range
+LOG_RATIO = (math.log(RATIO[0]), math.log(RATIO[1]))
+ATTEMPTS = 10  # torchvision's tries before it falls back to a central crop
 
 
-def resized_crop_boxes(n: int, side: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """torchvision's RandomResizedCrop box sampling, vectorised: (n, 4) float boxes (x0, y0, w, h) in pixels of a
-    side x side image. Each image takes its first of ATTEMPTS draws that fits; none fits: the whole image."""
-    area = side * side * torch.empty(n, ATTEMPTS).uniform_(scale[0], scale[1], generator=g)
-    ratio = torch.exp(torch.empty(n, ATTEMPTS).uniform_(*LOG_RATIO, generator=g))
+def crop_draws(n: int, scale: tuple[float, float], g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The random numbers of n RandomResizedCrop boxes, as torchvision draws them per attempt: the area fraction
+    (float32 uniform in `scale`), the log aspect ratio (float32 uniform in LOG_RATIO), and the top and left
+    positions (uniform [0, 1), scaled to the free range as torch.randint(0, free) picks)."""
+    fraction = torch.empty(n, ATTEMPTS).uniform_(scale[0], scale[1], generator=g)
+    log_ratio = torch.empty(n, ATTEMPTS).uniform_(*LOG_RATIO, generator=g)
+    position = torch.rand(n, ATTEMPTS, 2, generator=g)
+    return fraction, log_ratio, position
+
+
+def boxes_from_draws(hw: torch.Tensor, fraction: torch.Tensor, log_ratio: torch.Tensor,
+                     position: torch.Tensor) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, vectorised over images of sizes hw ((n, 2): height, width) given
+    crop_draws' numbers: (n, 4) float boxes (x0, y0, w, h) in pixels. As torchvision: the target area is a fraction
+    of the whole image, the sides are rounded (half to even, in float64), the first of ATTEMPTS draws that fits is
+    taken, and when none fits, the central crop of the whole image with its aspect ratio clamped to RATIO."""
+    n = len(hw)
+    height, width = hw[:, :1].double(), hw[:, 1:].double()
+    area = height * width * fraction.double()
+    ratio = torch.exp(log_ratio).double()  # torchvision: exp of the float32 draw, then a Python float
     w = torch.sqrt(area * ratio).round()
     h = torch.sqrt(area / ratio).round()
-    u = torch.rand(n, ATTEMPTS, 2, generator=g)
-    fits = (w <= side) & (h <= side) & (w > 0) & (h > 0)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    found = fits.any(1)
+    pick = fits.int().argmax(1)
     rows = torch.arange(n)
-    pick = first.clamp(min=0)
-    w, h = w[rows, pick], h[rows, pick]
-    x0 = torch.floor(u[rows, pick, 0] * (side - w + 1))
-    y0 = torch.floor(u[rows, pick, 1] * (side - h + 1))
+    w, h, position = w[rows, pick], h[rows, pick], position[rows, pick].double()
+    height, width = height[:, 0], width[:, 0]
+    y0 = torch.floor(position[:, 0] * (height - h + 1))  # torchvision draws the top, then the left
+    x0 = torch.floor(position[:, 1] * (width - w + 1))
+    in_ratio = width / height  # the fallback: the whole image, its aspect ratio clamped to RATIO
+    fw = torch.where(in_ratio > RATIO[1], (height * RATIO[1]).round(), width)
+    fh = torch.where(in_ratio < RATIO[0], (width / RATIO[0]).round(), height)
+    fx0, fy0 = torch.div(width - fw, 2, rounding_mode="floor"), torch.div(height - fh, 2, rounding_mode="floor")
     box = torch.stack([x0, y0, w, h], 1)
-    box[first < 0] = torch.tensor([0.0, 0.0, side, side])
-    return box
+    return torch.where(found[:, None], box, torch.stack([fx0, fy0, fw, fh], 1)).float()
 
 
-def shifted_boxes(n: int, side: int, size: int, pad: int, g: torch.Generator | None) -> torch.Tensor:
-    """The central size x size box, shifted by up to `pad` pixels each way (pad-and-crop: outside is zero)."""
-    c = (side - size) // 2  # torchvision's CenterCrop for these sizes; whole pixels: an exact copy
-    box = torch.tensor([c, c, size, size]).repeat(n, 1)
+def resized_crop_boxes(hw: torch.Tensor, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop box sampling over whole images of sizes hw ((n, 2): height, width): (n, 4)
+    float boxes (x0, y0, w, h) in pixels."""
+    draws = crop_draws(len(hw), scale, g)
+    step = 1 << 16  # in parts: float64 temporaries of all of ImageNet's draws would take about a gigabyte
+    return torch.cat([boxes_from_draws(hw[i:i + step], *(d[i:i + step] for d in draws))
+                      for i in range(0, len(hw), step)]) if len(hw) else torch.empty(0, 4)
+
+
+def centre_offsets(hw: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's CenterCrop(size) offsets (n, 2) (x0, y0) in images of sizes hw: int(round((side - size) / 2.0)),
+    halves to even as Python rounds them."""
+    return ((hw.flip(1) - size).double() / 2.0).round().long()
+
+
+def shifted_boxes(hw: torch.Tensor, size: int, pad: int, g: torch.Generator | None) -> torch.Tensor:
+    """The central size x size box of each image (sizes hw: (n, 2) height, width), shifted by up to `pad` pixels
+    each way (pad-and-crop: outside is zero)."""
+    box = torch.cat([centre_offsets(hw, size), torch.full((len(hw), 2), size)], 1)
     if pad and g is not None:
-        box[:, :2] += torch.randint(-pad, pad + 1, (n, 2), generator=g)
+        box[:, :2] += torch.randint(-pad, pad + 1, (len(hw), 2), generator=g)
     return box
 
 
-def crop_resize(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor | None, size: int) -> torch.Tensor:
-    """Cut each image of x (uint8 (B, C, S, S)) to its box (whole pixels; outside the image is zero), resize it to
-    size x size (bilinear, antialiased: torchvision's resize of a tensor), mirror it where `flip`: float [0, 1].
-    A box of the output's size is copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's
-    resize of the references' loader is); on CUDA on floats."""
-    box = box.long()
-    pad = int(max(0, -box[:, :2].min(), (box[:, :2] + box[:, 2:] - x.shape[-1]).max()))
-    if pad:
-        x = F.pad(x, (pad, pad, pad, pad))
-        box = box.clone()
-        box[:, :2] += pad
-    # channels-last throughout: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
-    src = (x if x.device.type == "cpu" else x.float()).contiguous(memory_format=torch.channels_last)
-    out = torch.empty((len(x), x.shape[1], size, size), dtype=src.dtype, device=x.device,
-                      memory_format=torch.channels_last)
-    for i, (x0, y0, w, h) in enumerate(box.tolist()):
-        patch = src[i:i + 1, :, y0:y0 + h, x0:x0 + w]
+def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int) -> torch.Tensor:
+    """Cut each image (uint8 (C, H, W), each its own size; a list, or a batch tensor) to its box (whole pixels;
+    outside the image is zero), resize it to size x size (bilinear, antialiased: torchvision's resize of a tensor),
+    mirror it where `flip`: float [0, 1] (n, C, size, size) on the images' device. A box of the output's size is
+    copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the references' loader
+    is); on CUDA on floats."""
+    images = list(images)
+    c, device = images[0].shape[0], images[0].device
+    dtype = torch.uint8 if device.type == "cpu" else torch.float32
+    out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
+    for i, (img, (x0, y0, w, h)) in enumerate(zip(images, box.long().tolist())):
+        height, width = img.shape[-2:]
+        if x0 >= 0 and y0 >= 0 and x0 + w <= width and y0 + h <= height:
+            patch = img[:, y0:y0 + h, x0:x0 + w]
+        else:  # pad-and-crop: the part of the box inside the image, zeros around it
+            patch = img.new_zeros((c, h, w))
+            ax, ay, bx, by = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
+            if bx > ax and by > ay:
+                patch[:, ay - y0:by - y0, ax - x0:bx - x0] = img[:, ay:by, ax:bx]
+        # channels-last: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
+        patch = patch[None].to(dtype).contiguous(memory_format=torch.channels_last)
         if (h, w) != (size, size):
             patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[i] = patch[0]
@@ -77,7 +115,7 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor, flip: torch.Tensor | None, s
 
 class _Batches:
     """Item k = batch k of the epoch's plan, read in a worker, and then, by `stage`: "bytes" (the GPU decodes),
-    "decoded" (uint8 squares: the device crops), or "augmented" (training on the CPU: the workers crop too, so the
+    "decoded" (uint8 images: the device crops), or "augmented" (training on the CPU: the workers crop too, so the
     work spreads over them). A map-style dataset by its __len__ and __getitem__, as DataLoader takes one; it does not
     subclass torch's Dataset (which adds only `+`), as a base class would load torch when this module is imported."""
 
@@ -124,13 +162,14 @@ class StreamLoader:
 
     def plan(self):
         """The epoch's draws, in a fixed order: permutation, boxes, flips."""
-        n, g, side = len(self.rows), self.generator, self.reader.enc.store_size
+        n, g = len(self.rows), self.generator
         order = torch.randperm(n, generator=g)
+        hw = self.reader.hw[self.rows[order]]  # box j is for the j-th image of the epoch
         scale = self.augment.get("resized_crop")
         if scale:
-            box = resized_crop_boxes(n, side, tuple(scale), g)
+            box = resized_crop_boxes(hw, tuple(scale), g)
         else:
-            box = shifted_boxes(n, side, self.size, self.augment.get("crop", 0), g)
+            box = shifted_boxes(hw, self.size, self.augment.get("crop", 0), g)
         flips = torch.rand(n, generator=g) < 0.5 if self.augment.get("flip") else None
         return order, box, flips
 
@@ -154,10 +193,10 @@ class StreamLoader:
             if stage == "bytes":
                 from torchvision.io import decode_jpeg
 
-                x = torch.stack(decode_jpeg(x, device=self.device))
+                x = decode_jpeg(x, device=self.device)
             if stage != "augmented":
                 _, b, f = plan[k]
-                x = crop_resize(x.to(self.device, non_blocking=True), b, f, self.size)
+                x = crop_resize([t.to(self.device, non_blocking=True) for t in x], b, f, self.size)
             yield x.contiguous(memory_format=self.memory_format), self.labels[order[parts[k]]].to(self.device)
 
     def global_batch(self, i: int) -> int:
@@ -165,13 +204,13 @@ class StreamLoader:
 
 
 def centre(reader: ShardReader, rows: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 central size x size crops of `rows` and their labels, on the CPU (evaluation, validation)."""
-    s = reader.enc.store_size
-    a = (s - size) // 2
+    """uint8 torchvision CenterCrop(size) crops of `rows` and their labels, on the CPU (evaluation, validation)."""
     out = torch.empty((len(rows), 3, size, size), dtype=torch.uint8)
+    corner = centre_offsets(reader.hw[rows], size).tolist()
     for start in range(0, len(rows), 256):
-        part = rows[start:start + 256]
-        out[start:start + len(part)] = reader.decode(part)[:, :, a:a + size, a:a + size]
+        for j, img in enumerate(reader.decode(rows[start:start + 256]), start):
+            x0, y0 = corner[j]
+            out[j] = img[:, y0:y0 + size, x0:x0 + size]
     return out, reader.labels[rows]
 
 

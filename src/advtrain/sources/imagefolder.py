@@ -4,8 +4,8 @@ Streamed: `advtrain prepare` resizes every image once into shards (shards.py sta
 streams them (stream.py). Files are found as torchvision's ImageFolder finds them (its extensions, classes = the
 sorted sub-folders of the train folder). Settings (datasets.<name>.source):
   path          the folder (required here; ImageNet has a default)
-  size          the model's input side s (square); store_size S: the stored square (default round(8 s / 7),
-                i.e. 256 for 224, as Resize(256) + CenterCrop(224))
+  size          the model's input side s (square); store_size S: the stored images' shorter side (default
+                round(8 s / 7), i.e. 256 for 224, as Resize(256) + CenterCrop(224))
   encoding      jpeg (quality `quality`) | raw (uint8 pixels: no decode, 3 S^2 bytes per image)
   shard_images  images per shard file
   test_list     a text file of test images relative to the test folder (e.g. RobustBench's 5,000 ImageNet ids)
@@ -45,7 +45,7 @@ class ImageFolder(Source):
         self.store_size = s["store_size"] or round(s["size"] * 8 / 7)
         if self.store_size < s["size"]:
             raise ConfigError(f"{self.name} source: store_size {self.store_size} is smaller than size {s['size']}: "
-                              "the stored square must hold the model's input")
+                              "the stored images must hold the model's input")
 
     def root(self, raw_dir: Path) -> Path:
         if not self.settings["path"]:
