@@ -110,6 +110,24 @@ def test_stream_is_a_function_of_the_seed_with_or_without_workers_and_resumes(sh
     assert not torch.equal(epoch2[0], one[0][0])  # and a new epoch is a new draw
 
 
+def test_an_epoch_resumed_at_a_batch_is_the_rest_of_the_same_epoch(shards):
+    """What a checkpoint inside an epoch relies on (preemption.py): from the epoch's starting generator state,
+    batches(k) yields batches k, k+1, ... of that epoch, and leaves the generator where the whole epoch leaves it."""
+    x8 = torch.randint(0, 255, (70, 1, 8, 8), dtype=torch.uint8)
+    for make in (lambda: stream(shards, workers=2), lambda: DeviceLoader(x8, torch.arange(70), 16, "cpu", crop=2,
+                                                                         flip=True, seed=1)):
+        loader = make()
+        start = loader.generator.get_state()
+        whole = [(x.clone(), y.clone()) for x, y in loader]
+        end = loader.generator.get_state()
+        resumed = make()
+        resumed.generator.set_state(start)
+        rest = list(resumed.batches(3))
+        assert len(rest) == len(whole) - 3 > 0
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[3:], rest))
+        assert torch.equal(resumed.generator.get_state(), end)
+
+
 def test_two_ranks_read_the_two_halves_of_each_global_batch(shards):
     from advtrain.distributed import World
 
