@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from advtrain import paths
 from advtrain.config import Params
+from advtrain.prepared import data_digest
 from conftest import BIN, env, make_project, run
 
 OVERRIDES = {
@@ -34,7 +35,12 @@ def checkpoint(proj) -> Path:
 
 
 def fingerprint(proj) -> str:
-    return Params.load(proj / "params.yaml").resolve("pgd", "fashionmnist").train_fingerprint()
+    """The run's settings and its prepared training split, as the trainer keys its checkpoint."""
+    cfg = Params.load(proj / "params.yaml").resolve("pgd", "fashionmnist")
+    cfg.data_digest = data_digest(json.loads((proj / "data/prepared/fashionmnist/meta.json").read_text()), "train")
+    return cfg.train_fingerprint()
+
+
 TIMING = ("seconds", "images_per_s", "eval_seconds", "seconds_per_attack", "versions", "mlflow_run_key")  # per run
 
 

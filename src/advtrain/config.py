@@ -132,6 +132,9 @@ class RunConfig:
     info: dict = field(default_factory=dict)  # shape, classes, mean, std (from the data source)
     threat_model: str = "Linf"
     run_name: str | None = None  # default: METHOD_DATASET
+    # the sha256 of the prepared training split (prepared.data_digest), set once the split is opened: weights are
+    # only valid for the images they were trained on, so it is part of the fingerprint
+    data_digest: str | None = None
 
     @property
     def name(self) -> str:
@@ -145,6 +148,8 @@ class RunConfig:
         # the number of ranks is left out: N ranks compute what one process computes (distributed.py), so a run
         # resumes on another number of devices
         fields["training"] = {k: v for k, v in self.training.items() if k != "devices"}
+        if self.data_digest is not None:
+            fields["data"] = self.data_digest
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

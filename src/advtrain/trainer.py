@@ -295,8 +295,9 @@ class Trainer:
         state = checkpoint.load_training_state(self.checkpoint_path)
         if state is None:
             others = [p.name for p in self.checkpoint_path.parent.glob("*.pt") if p != self.checkpoint_path]
-            kept = f" ({len(others)} of other settings kept in {self.checkpoint_path.parent}/)" if others else ""
-            self.log(f"[{self.cfg.name}] no checkpoint of these settings; starting afresh{kept}")
+            kept = (f" ({len(others)} of other settings or data kept in {self.checkpoint_path.parent}/)"
+                    if others else "")
+            self.log(f"[{self.cfg.name}] no checkpoint of these settings and data; starting afresh{kept}")
             return False
         if state.get("fingerprint") != self.cfg.train_fingerprint():
             self.log(f"[{self.cfg.name}] {self.checkpoint_path} is from other settings; starting afresh")

@@ -2,6 +2,7 @@
 train or resume one configuration, then write its model file and metrics JSON, logged to MLflow."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -54,6 +55,8 @@ def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind:
 
 def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher, world: World) -> None:
     data, meta = open_split(prepared_dir(cfg.dataset), "train", cfg.info)
+    # a checkpoint is valid for these images only: other prepared data trains afresh under its own key
+    cfg = dataclasses.replace(cfg, data_digest=data_digest(meta, "train"))
     tracker = TrainingTracker(cfg.experiment, prepared_dir(cfg.dataset), meta, log=log) if world.main else None
     ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
     rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
