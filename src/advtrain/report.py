@@ -302,6 +302,13 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path, extra: list[Path] =
             md += ["", "AutoAttack's own warnings:", ""] + [f"- {m}: {w}" for m, w in warned]
             body.append("<ul class=warnings>" + "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(w)}</li>"
                                                          for m, w in warned) + "</ul>")
+        skipped = [(r["method"], a, why) for r in rows for a, why in r.get("autoattack", {}).get("skipped", {}).items()]
+        if skipped:
+            md += ["", "AutoAttack attacks not run (not defined for these models):", ""] + [
+                f"- {m}: {a} skipped: {why}" for m, a, why in skipped]
+            body.append("<p>AutoAttack attacks not run (not defined for these models):</p><ul class=skipped>" + "".join(
+                f"<li><b>{html.escape(m)}</b>: {html.escape(a)} skipped: {html.escape(why)}</li>"
+                for m, a, why in skipped) + "</ul>")
         breakdown = [r for r in rows if r.get("autoattack")]
         if breakdown:
             md += ["", "Robust accuracy (%) after each AutoAttack stage:", ""]
