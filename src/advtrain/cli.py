@@ -21,12 +21,16 @@ import sys
 
 from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
-from .console import tee_to
+from .console import claim_log, tee_to
 from .errors import UserError
+
+
+LOCKING = ("train", "pretrain", "evaluate")  # the commands that hold a run's lock while they work
 
 
 def run_evaluate(a: argparse.Namespace, params: Params) -> None:
     if a.model:
+        claim_log()  # a model trained elsewhere has no run lock to wait for
         if len(a.names) != 1 or not a.arch:
             raise UserError("evaluate --model FILE needs --arch NAME and one DATASET: advtrain evaluate --model FILE "
                             "--arch NAME DATASET")
@@ -93,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # `train` relaunches itself with them under torchrun (training.devices)
     if args.log and os.environ.get("RANK", "0") == "0":  # under torchrun, one log: the main rank's
-        tee_to(args.log)
+        # a command that takes a run lock appends to the log until it holds the lock (then it is a fresh file), so a
+        # second process refused by the lock leaves the first one's log whole
+        tee_to(args.log, claim=args.cmd not in LOCKING)
     try:
         args.fn(args, Params.load(args.params))
     except UserError as e:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..checkpoint import load_classifier
 from ..config import Params
-from ..console import log
+from ..console import claim_log, log
 from ..summary import summarise
 from ..evaluate import evaluate, fingerprint
 from ..external import load_external
@@ -29,6 +29,7 @@ from ..trainer import pick_device
 def run(params: Params, method: str, dataset: str, seed: int | None = None) -> dict:
     cfg = params.resolve(method, dataset, seed)
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
+        claim_log()
         return _run(cfg, method, dataset)
 
 

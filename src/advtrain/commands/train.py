@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..checkpoint import cpu_state, load_classifier, save_model
 from ..config import Params, RunConfig
-from ..console import log
+from ..console import claim_log, log
 from ..distributed import World
 from ..errors import UserError
 from ..io import write_json
@@ -50,6 +50,7 @@ def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind:
     if not world.main:  # the ranks beside the main one train and write nothing (the main one holds the lock)
         return _fit(cfg, out_model, out_metrics, restart, kind, teacher, world)
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
+        claim_log()
         _fit(cfg, out_model, out_metrics, restart, kind, teacher, world)
 
 
