@@ -87,7 +87,8 @@ def reference(base, tmp_path_factory):
     shutil.copytree(base, proj)
     run([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], proj)
     run([str(BIN / "advtrain"), "evaluate", "pgd", "fashionmnist"], proj)
-    return {"weights": weights(proj), "metrics": untimed(json.loads((proj / METRICS).read_text())["epochs"]),
+    return {"weights": weights(proj), "model_file": (proj / MODEL).read_bytes(),
+            "metrics": untimed(json.loads((proj / METRICS).read_text())["epochs"]),
             "result": untimed(json.loads((proj / RESULT).read_text()))}
 
 
@@ -128,6 +129,8 @@ def test_training_killed_then_rerun_ends_as_if_never_killed(kills, base, referen
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training(proj, reference)
+    # the same weights give the same bytes (no wall-clock time in the model file), so DVC re-evaluates nothing
+    assert (proj / MODEL).read_bytes() == reference["model_file"]
 
 
 def test_training_killed_under_snakemake_resumes_with_the_same_command(base, reference, tmp_path):

@@ -37,7 +37,10 @@ def _load_runs(runs: list[tuple[str, str]], extra: list[Path] = ()) -> list[dict
     for method, dataset in runs:
         res = json.loads(result_path(method, dataset).read_text())
         mpath = train_metrics_path(method, dataset, res["seeds"]["seeds"][0])
-        res["curves"] = json.loads(mpath.read_text())["epochs"] if mpath.exists() else []
+        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+        res["curves"] = metrics.get("epochs", [])
+        if "seconds" in metrics.get("totals", {}):  # wall-clock time is the metrics file's, not the model file's
+            res["train"] = {**res.get("train", {}), "seconds": metrics["totals"]["seconds"]}
         out.append(res)
     for path in extra:
         out.append({**json.loads(Path(path).read_text()), "curves": []})

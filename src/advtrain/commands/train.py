@@ -80,7 +80,10 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
     model_meta = {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model, "model_kwargs": cfg.model_kwargs,
                   "shape": list(cfg.info["shape"]), "num_classes": cfg.info["classes"],
                   "threat_model": cfg.threat_model, "eps": cfg.eps, "fingerprint": cfg.train_fingerprint(),
-                  "mlflow_run_key": trainer.run_key, "train": totals, "selection": selection,
+                  "mlflow_run_key": trainer.run_key, "selection": selection,
+                  # no wall-clock figure: the same weights give the same bytes (a resumed run's file is the
+                  # uninterrupted run's, and DVC sees nothing to re-evaluate); the metrics JSON keeps the seconds
+                  "train": {k: v for k, v in totals.items() if k != "seconds"},
                   "stop_reason": trainer.stop_reason, "data_sha256": data_digest(meta, "train")}
     teacher = getattr(trainer.method, "teacher", None)
     save_model(out_model, state, model_meta, kind=kind, teacher=None if teacher is None else cpu_state(teacher))
