@@ -11,6 +11,7 @@ import yaml
 from advtrain import cli, paths
 from advtrain.attacks import L2, pgd
 from advtrain.methods import METHODS
+from advtrain.methods.fgsm import FGSM
 from advtrain.methods.pgd import PGD
 from advtrain.models import build_model
 from advtrain.sources import SOURCES
@@ -63,6 +64,42 @@ def test_select_best_keeps_the_best_validated_epoch_and_last_the_last(select, tm
         assert torch.equal(state[k], v), k
     if select == "best":
         assert how["metric"] == "val_pgd_acc" and how["value"] == robust[want - 1] and "epoch" in how["why"]
+
+
+class CollapsingFGSM(FGSM):
+    """FGSM-RS whose last epoch ends in a collapsed model (a constant answer), which its overfitting guard rolls
+    back."""
+
+    def end_epoch(self, trainer, epoch, metrics):
+        if epoch + 1 == trainer.epochs:
+            last = trainer.model.net.classifier[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+        return super().end_epoch(trainer, epoch, metrics)
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_a_rollback_publishes_the_earlier_epochs_ema_weights_and_names_that_epoch(select, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "fgsm", CollapsingFGSM)
+    cfg = config("fgsm", {"check_points": 100, "on_overfit": "stop"},
+                 {"epochs": 3, "batch_size": 50, "lr": 0.02, "ema_decay": 0.9, "select": select,
+                  "val_points": 100 if select == "best" else 0, "val_pgd_steps": 2})
+    snaps = Snapshots()
+    t = Trainer(cfg, *separable(), tmp_path / "c.pt", callbacks=[snaps], log=lambda m: None)
+    t.fit()
+    good = t.method.best_epoch  # the epoch the guard rolled back to
+    assert t.history[-1]["overfit"] == 1 and t.stop_reason and good < 3, t.history
+    assert t.history[-1]["rolled_back_to"] == good
+    # the EMA (what is published) went back with the model: the published weights are that epoch's
+    for k, v in snaps.states[good].items():
+        assert torch.equal(t.published().state_dict()[k], v), k
+    state, how = t.selected()
+    assert how["epoch"] < 3 and "last epoch (3)" not in how["why"], how
+    if select == "last":
+        assert how["epoch"] == good and f"epoch {good}'s weights, rolled back" in how["why"], how
+    for k, v in snaps.states[how["epoch"]].items():
+        assert torch.equal(state[k], v), k
 
 
 def toy_project(tmp_path, monkeypatch, source, method: str, dataset: dict, method_settings: dict | None = None):
