@@ -1,9 +1,11 @@
 """What a process leaves for the others: a refused or killed `advtrain` never truncates another's log, checkpoint or
 MLflow store; its own temporary files do not outlive it."""
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,3 +58,17 @@ def test_a_refused_second_run_and_a_kill_leave_the_first_ones_log_whole(prepared
         if first.poll() is None:
             first.kill()
             first.wait()
+
+
+def test_the_overfitting_guard_decides_alike_on_ranks_with_batchnorm(tmp_path):
+    """2 gloo ranks train FGSM-RS on a BatchNorm network: each rank normalises its own shard, so their held-out PGD
+    accuracies differ; the guard must still take one decision (roll back or not) on every rank, so that the ranks'
+    weights stay the same."""
+    out = tmp_path / "out"
+    out.mkdir()
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(Path(__file__).with_name("bn_ranks.py")), str(out)], tmp_path)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert any(h["overfit"] for h in ranks[0]["history"]), ranks  # the guard fired (and rolled back)
+    assert ranks[0]["history"] == ranks[1]["history"], ranks
+    assert ranks[0]["params"] == ranks[1]["params"], ranks
