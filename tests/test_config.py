@@ -45,6 +45,10 @@ def test_repo_params_are_valid_and_resolve():
     (("methods", "dynat", "teacher_model"), "resnet", "methods.dynat.teacher_model must be one of small_cnn"),
     (("runs", "methods"), ["pgd", "dynat"], "runs.methods: dynat learns from a pretrained teacher: list it under "
                                             "runs.teacher_methods"),
+    # a source of known size: the last minibatch of 1,001 training images (1,002 less 1 held out) in batches of 100
+    # would leave one of the two ranks an empty shard
+    (("datasets", "fashionmnist", "training"), {"devices": 2, "train_subset": 1002, "val_points": 1, "batch_size": 100},
+     "the last minibatch would hold 1 of the 1001 training images, fewer than the 2 ranks of training.devices"),
 ])
 def test_invalid_values_name_the_key(path, value, needle):
     raw = base()

@@ -393,6 +393,11 @@ class Params:
             raise ConfigError(f"{self.path}: {cfg.name} would train on no image: {kept} training images and "
                               f"{setting} holds out {held} of them: lower {setting.rsplit('.', 1)[-1]} or keep "
                               "more training images")
+        devices, last = cfg.training["devices"], (n - held) % cfg.training["batch_size"]
+        if devices > 1 and 0 < last < devices:  # a rank would get an empty shard of the last minibatch
+            raise ConfigError(f"{self.path}: {cfg.name}: the last minibatch would hold {last} of the {n - held} "
+                              f"training images, fewer than the {devices} ranks of training.devices: change "
+                              "training.batch_size or training.train_subset")
         if sizes["test"] < 1:
             raise ConfigError(f"{self.path}: {cfg.dataset} has no test image to evaluate on")
 
