@@ -2,6 +2,7 @@
 MLflow store; its own temporary files do not outlive it."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from conftest import BIN, deep_update, env, run
+from conftest import BIN, ROOT, deep_update, env, make_project, run
+from imagefolder_data import make_image_folder
 
 LOG = "logs/train/pgd_fashionmnist_seed0.log"
 
@@ -72,3 +74,45 @@ def test_the_overfitting_guard_decides_alike_on_ranks_with_batchnorm(tmp_path):
     assert any(h["overfit"] for h in ranks[0]["history"]), ranks  # the guard fired (and rolled back)
     assert ranks[0]["history"] == ranks[1]["history"], ranks
     assert ranks[0]["params"] == ranks[1]["params"], ranks
+
+
+def imagefolder_project(tmp: Path, overrides: dict) -> Path:
+    """A project of 96 training images (32 held out) in 4 classes: a source whose size only `prepare` knows."""
+    overlay = yaml.safe_load((ROOT / "tests/configs/imagefolder.yaml").read_text())
+    proj = make_project(tmp, deep_update(overlay, overrides))
+    make_image_folder(proj / "data/raw/shapes", n_train=96, n_test=16)
+    run([str(BIN / "advtrain"), "prepare", "shapes"], proj)
+    return proj
+
+
+def test_a_last_minibatch_smaller_than_the_ranks_is_refused_once_in_one_line(tmp_path):
+    # 65 training images, 32 held out: 33 in batches of 32 leave a last minibatch of 1 for 2 ranks
+    proj = imagefolder_project(tmp_path / "p", {"runs": {"methods": ["pgd"]}, "datasets": {"shapes": {
+        "training": {"devices": 2, "train_subset": 65}}}})
+    assert run([str(BIN / "advtrain"), "check"], proj).returncode == 0  # the folder's size is not known to check
+    p = run([str(BIN / "advtrain"), "train", "pgd", "shapes"], proj, check=False)
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    assert "ChildFailedError" not in p.stdout + p.stderr and "Traceback" not in p.stdout + p.stderr, p.stderr
+    err = p.stderr.strip().splitlines()
+    assert err == ["error: pgd_shapes_seed0: the last minibatch holds 1 images, fewer than the 2 ranks: change "
+                   "training.batch_size or training.train_subset"], p.stderr
+
+
+def test_a_killed_rank_is_named_in_one_line_and_the_same_command_resumes(prepared, tmp_path):
+    proj = with_settings(prepared, tmp_path / "p", {
+        "runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
+        "datasets": {"fashionmnist": {"training": {"epochs": 2, "batch_size": 100, "train_subset": 1000,
+                                                   "val_points": 0, "select": "last", "devices": 2}}},
+        "methods": {"pgd": {"fashionmnist": {"steps": 1}}}})
+    cmd = [str(BIN / "advtrain"), "train", "pgd", "fashionmnist"]
+    # rank 1 is SIGKILLed before its 5th minibatch of epoch 2 (10 per epoch)
+    p = run(cmd, proj, check=False, extra_env={"ADVTRAIN_FAULT": "train.batch:15", "ADVTRAIN_FAULT_RANK": "1"})
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "[fault] SIGKILL at train.batch" in p.stdout, out[-3000:]
+    assert "ChildFailedError" not in out and "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and p.stderr.strip().splitlines()[-1] == errors[0], out[-3000:]
+    assert re.fullmatch(r"error: pgd_fashionmnist_seed0: rank 1 of 2 \(pid \d+\) was killed by SIGKILL; the same "
+                        r"command resumes after epoch 1", errors[0]), errors
+    p = run(cmd, proj)
+    assert "resuming after epoch 1/2" in p.stdout, p.stdout[-2000:]

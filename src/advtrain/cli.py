@@ -23,6 +23,7 @@ from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
 from .console import claim_log, tee_to
 from .errors import UserError
+from .launcher import report_in_rank
 
 
 LOCKING = ("train", "pretrain", "evaluate")  # the commands that hold a run's lock while they work
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args, Params.load(args.params))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not report_in_rank(str(e)):  # a rank of `advtrain train`'s launcher: the launcher prints it, once
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

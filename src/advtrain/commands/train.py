@@ -3,46 +3,65 @@ train or resume one configuration, then write its model file and metrics JSON, l
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import sys
 from pathlib import Path
 
-from ..checkpoint import cpu_state, load_classifier, save_model
+from ..checkpoint import cpu_state, load_classifier, load_training_state, save_model
 from ..config import Params, RunConfig
 from ..console import claim_log, log
 from ..distributed import World
 from ..errors import UserError
 from ..io import write_json
+from ..launcher import launch
 from ..lazy import torch
 from ..methods import METHODS
 from ..locking import exclusive
 from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,
                      train_metrics_path)
-from ..prepared import data_digest, open_split
+from ..prepared import data_digest, open_split, read_meta
 from ..provenance import versions
 from ..tracking import TrainingTracker, registered_name, run_title, tracking_uri
 from ..trainer import Trainer
 
 
-def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> None:
-    """`training.devices` > 1 outside torchrun: replace this process by torchrun running the same command on that
-    many ranks of this machine (on several nodes, start torchrun yourself: the world is then torchrun's). Called
-    before anything is loaded: the ranks load for themselves."""
+def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
+    """`training.devices` > 1 outside torchrun: run the same command on that many ranks of this machine under
+    torchrun's launcher (on several nodes, start torchrun yourself: the world is then torchrun's), and say in one
+    line what went wrong if a rank failed. Called before anything is loaded: the ranks load for themselves. Returns
+    whether the ranks ran (and trained: this process has nothing left to do)."""
     devices, device = cfg.training["devices"], cfg.training["device"]
     if devices == 1 or World().launched:
-        return
+        return False
     if device != "cpu":
         visible = torch.cuda.device_count()  # auto with no GPU: gloo ranks on the CPU
         if (device == "cuda" or visible) and visible < devices:
             raise UserError(f"training.devices is {devices} but {visible} CUDA GPUs are visible: lower "
                             "training.devices or expose more GPUs (CUDA_VISIBLE_DEVICES)")
+    argv = sys.argv[1:] if argv is None else argv
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-           "-m", "advtrain", *(sys.argv[1:] if argv is None else argv)]
+           "-m", "advtrain", *argv]
     log(f"[train] training.devices = {devices}: {shlex.join(cmd)}")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+    failure = launch(devices, argv)
+    if failure is None:
+        return True
+    if failure.message:  # a rank's own one-line error (every rank's, when they all refused alike)
+        raise UserError(failure.message if failure.rank == 0 else f"[rank {failure.rank}] {failure.message}")
+    state = load_training_state(checkpoint_path(cfg.name, fingerprint(cfg)))
+    done = state["epoch"] if state else 0
+    resume = (f"the same command resumes after epoch {done}" if done else
+              "the same command starts it afresh (no epoch had completed)")
+    above = " (its traceback is above)" if failure.exitcode == 1 else ""
+    raise UserError(f"{cfg.name}: rank {failure.rank} of {devices} (pid {failure.pid}) {failure.how}{above}; "
+                    f"{resume}")
+
+
+def fingerprint(cfg: RunConfig) -> str:
+    """The fingerprint a run's checkpoint is kept under: its settings and its prepared training split."""
+    meta = read_meta(prepared_dir(cfg.dataset))[0]
+    return dataclasses.replace(cfg, data_digest=data_digest(meta, "train")).train_fingerprint()
 
 
 def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
@@ -124,7 +143,8 @@ def load_teacher(cfg: RunConfig):
 def train(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
           argv: list[str] | None = None) -> None:
     cfg = params.resolve(method, dataset, seed)
-    relaunch_under_torchrun(cfg, argv)
+    if relaunch_under_torchrun(cfg, argv):
+        return
     teacher = load_teacher(cfg) if METHODS[method].needs_teacher else None
     fit(cfg, model_path(method, dataset, cfg.seed), train_metrics_path(method, dataset, cfg.seed), restart,
         teacher=teacher)
@@ -133,6 +153,7 @@ def train(params: Params, method: str, dataset: str, seed: int | None = None, re
 def pretrain(params: Params, method: str, dataset: str, seed: int | None = None, restart: bool = False,
              argv: list[str] | None = None) -> None:
     cfg = params.teacher_config(method, dataset, seed)
-    relaunch_under_torchrun(cfg, argv)
+    if relaunch_under_torchrun(cfg, argv):
+        return
     fit(cfg, teacher_path(method, dataset, cfg.seed), teacher_metrics_path(method, dataset, cfg.seed), restart,
         kind="teacher")
