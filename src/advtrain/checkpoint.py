@@ -4,6 +4,7 @@ Both are written atomically and loaded with `weights_only=True`. The model file 
 and method, so loading it into the wrong model gives one clear line instead of a size-mismatch traceback."""
 from __future__ import annotations
 
+import codecs
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,12 +18,33 @@ FORMAT = 1
 
 
 def read_torch(path: Path, what: str, fix: str):
-    """`torch.load(path, weights_only=True)` on the CPU, or one line saying the file is truncated or corrupt."""
+    """`torch.load(path, weights_only=True)` on the CPU, or one line saying the file is truncated or corrupt, or not
+    a file torch.save wrote at all."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        if not zipfile.is_zipfile(path) and _is_text(path):
+            raise UserError(f"{path}: a text file, not a {what} (torch.save's format): {fix}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {first[:120]}): {fix}") from None
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        # a file torch.save did not write, read by the weights-only unpickler as old-style pickle opcodes: it fails
+        # on whatever its bytes happen to spell
+        if _is_text(path):
+            raise UserError(f"{path}: a text file, not a {what} (torch.save's format): {fix}") from None
+        raise UserError(f"{path}: not a {what}: not a file torch.save wrote ({type(e).__name__} while reading it): "
+                        f"{fix}") from None
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file's first 4 KB read as UTF-8 text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # (a character cut at 4 KB is no error)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\x00" not in head
 
 
 def _load(path: Path, what: str, fix: str) -> dict:
