@@ -108,9 +108,39 @@ def load_classifier(path: str | Path, info: dict, expect: dict | None = None, ki
     `info` (shape, classes, mean, std)."""
     meta, state = load_model(path, expect=expect, kind=kind)
     model = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path}: its weights do not fit a {meta['model']} ({str(e).splitlines()[0][:150]}): "
-                        "retrain it") from None
+    why = weights_mismatch(model, state, meta["model"], info)
+    if why:
+        raise UserError(f"{path}: its weights do not fit a {meta['model']}: {why}: retrain it")
     return meta, model
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape)) or "a scalar"
+
+
+def weights_mismatch(module: torch.nn.Module, state: dict, arch: str, info: dict) -> str | None:
+    """Load `state` into `module`: None when it fits, else what does not fit, in a few words (torch's own message
+    is a paragraph per tensor)."""
+    try:
+        module.load_state_dict(state)
+        return None
+    except RuntimeError:
+        pass
+    own = module.state_dict()
+    differ = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if differ:  # the usual cause: another number of classes, another width
+        k = differ[0]
+        mine, theirs = own[k], state[k]
+        classes = (f" ({theirs.shape[0]} classes against {info['classes']})"
+                   if mine.dim() and theirs.dim() == mine.dim() and mine.shape[0] == info["classes"]
+                   and theirs.shape[1:] == mine.shape[1:] else "")
+        more = f", and {len(differ) - 1} more tensors differ in shape" if len(differ) > 1 else ""
+        return f"{k} is {_shape(theirs)} in the file, {_shape(mine)} in {arch}{classes}{more}"
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {arch}'s tensors are not in the file (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of the file's tensors are not in {arch} (e.g. {unexpected[0]})")
+    return "; ".join(parts) or "torch refused them"

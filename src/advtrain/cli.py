@@ -73,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="the run's seed (default: the first of runs.seeds)")
     p.add_argument("--model", metavar="FILE", help="a state dict trained elsewhere (plain, or under state_dict/model)")
     p.add_argument("--arch", help="its architecture: one of our models, or torchvision:NAME (e.g. torchvision:resnet18)")
-    p.add_argument("--normalize", default="dataset", metavar="HOW",
-                   help="dataset (its mean/std; default), inside (the model normalises itself), or M1,M2,.../S1,S2,...")
+    p.add_argument("--normalize", default=None, metavar="HOW",
+                   help="for a file that does not state its own normalisation (a mean/std beside the network): "
+                        "dataset (its mean/std; default), inside (the model normalises itself), or M1,M2,.../S1,S2,...")
     p.add_argument("--name", help="its name in the results and report (default: external-FILESTEM)")
     p.set_defaults(fn=run_evaluate)
     p = sub.add_parser("aggregate", help="a (method, dataset) over the seeds of runs.seeds: mean, std, intervals")

@@ -74,14 +74,16 @@ def _run(cfg, method: str, dataset: str) -> dict:
     return publish(cfg, record, rpath, data_meta)
 
 
-def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str = "dataset",
+def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str | None = None,
                  name: str | None = None) -> dict:
     """A checkpoint trained elsewhere, evaluated with the dataset's settings: the same stages, the same result JSON
     (results/NAME_DATASET.json, a run of one seed), and a row of the report when its dataset is reported."""
     cfg = params.resolve("standard", dataset)  # the dataset's eps, threat model and evaluation settings
     cfg.evaluation = params.dataset_evaluation(dataset)
     name = name or f"external-{Path(file).stem}"
-    model = load_external(file, arch, cfg.info, normalize)
+    # the normalisation the file states, else --normalize (the dataset's by default); our architectures with their
+    # settings in params.yaml (models.ARCH)
+    model, normalize = load_external(file, arch, cfg.info, normalize, params.data["models"].get(arch, {}))
     model.use_channels_last(cfg.training["channels_last"] is not False)
     images, labels, data_meta = load_split(prepared_dir(dataset), "test", cfg.evaluation["n_points"])
     ev = cfg.evaluation
