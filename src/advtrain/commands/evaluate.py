@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from ..checkpoint import load_classifier
-from ..config import Params
+from ..config import SAFE_NAME, Params
 from ..console import claim_log, log
 from ..summary import summarise
+from ..errors import UserError
 from ..evaluate import evaluate, fingerprint
 from ..external import load_external
 from ..io import sha256_file, write_json
@@ -80,6 +81,9 @@ def run_external(params: Params, dataset: str, file: str, arch: str, normalize: 
     (results/NAME_DATASET.json, a run of one seed), and a row of the report when its dataset is reported."""
     cfg = params.resolve("standard", dataset)  # the dataset's eps, threat model and evaluation settings
     cfg.evaluation = params.dataset_evaluation(dataset)
+    if name is not None and not SAFE_NAME.fullmatch(name):  # it names results/NAME_DATASET.json
+        raise UserError(f"--name {name!r}: it names results/NAME_{dataset}.json, so use letters, digits, '_' and '-', "
+                        "starting with a letter or digit")
     name = name or f"external-{Path(file).stem}"
     # the normalisation the file states, else --normalize (the dataset's by default); our architectures with their
     # settings in params.yaml (models.ARCH)
