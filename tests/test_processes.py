@@ -116,3 +116,25 @@ def test_a_killed_rank_is_named_in_one_line_and_the_same_command_resumes(prepare
                         r"command resumes after epoch 1", errors[0]), errors
     p = run(cmd, proj)
     assert "resuming after epoch 1/2" in p.stdout, p.stdout[-2000:]
+
+
+def test_a_store_set_up_removes_the_temporary_stores_of_killed_processes(tmp_path, monkeypatch):
+    """A process killed while it made the MLflow store leaves .mlruns.db.PID.tmp and its sqlite journal; the next
+    set-up of that store removes those of dead processes and leaves a live one's."""
+    from advtrain.tracking import open_client
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f".mlruns.db.{dead.pid}.tmp", tmp_path / f".mlruns.db.{dead.pid}.tmp-journal"]
+        kept = tmp_path / f".mlruns.db.{alive.pid}.tmp"
+        for f in (*stale, kept):
+            f.write_bytes(b"half a store")
+        monkeypatch.chdir(tmp_path)
+        open_client("sqlite:///mlruns.db")
+        assert (tmp_path / "mlruns.db").exists()
+        assert not any(f.exists() for f in stale) and kept.exists()
+    finally:
+        alive.kill()
+        alive.wait()
