@@ -81,3 +81,9 @@ def test_a_text_file_given_as_a_model_gets_one_line(tmp_path):
         (proj / name).write_text(text)  # each once a traceback of the weights-only unpickler (IndexError, KeyError)
         _one_clear_line(_cli(proj, "evaluate", "--model", name, "--arch", "small_cnn", "fashionmnist"),
                         f"{name}: a text file, not a checkpoint (torch.save's format)")
+
+
+def test_an_unsafe_name_for_a_model_trained_elsewhere_gets_one_line(tmp_path):
+    proj = make_project(tmp_path / "p")
+    _one_clear_line(_cli(proj, "evaluate", "--model", "m.pt", "--arch", "small_cnn", "--name", "../evil",
+                         "fashionmnist"), "--name '../evil': it names results/NAME_fashionmnist.json")

@@ -21,9 +21,8 @@ import sys
 
 from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
-from .console import claim_log, tee_to
+from .console import claim_log, error, tee_to
 from .errors import UserError
-from .launcher import report_in_rank
 
 
 LOCKING = ("train", "pretrain", "evaluate")  # the commands that hold a run's lock while they work
@@ -105,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args, Params.load(args.params))
     except UserError as e:
-        if not report_in_rank(str(e)):  # a rank of `advtrain train`'s launcher: the launcher prints it, once
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        error(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

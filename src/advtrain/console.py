@@ -6,6 +6,15 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from .launcher import report_in_rank
+
+
+def error(msg: str) -> None:
+    """A command's one-line error, `error: MSG` on stderr; in a rank of `advtrain train`'s launcher it is handed to
+    the launcher instead, which prints it once for all the ranks (launcher.py)."""
+    if not report_in_rank(msg):
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+
 
 def log(msg: str) -> None:
     # one write per line: the ranks of a torchrun world share one terminal, and their lines must not interleave
