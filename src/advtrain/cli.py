@@ -21,7 +21,7 @@ import sys
 
 from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
-from .console import claim_log, error, tee_to
+from .console import claim_log, error, interrupted, tee_to
 from .errors import UserError
 
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        interrupted()
         return 130
     return 0
 

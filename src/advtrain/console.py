@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .launcher import report_in_rank
+from .launcher import in_rank, report_in_rank
 
 
 def error(msg: str) -> None:
@@ -14,6 +14,12 @@ def error(msg: str) -> None:
     the launcher instead, which prints it once for all the ranks (launcher.py)."""
     if not report_in_rank(msg):
         print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def interrupted() -> None:
+    """Ctrl-C's one word; a rank of `advtrain train`'s launcher leaves it to the launcher, which says it once."""
+    if not in_rank():
+        print("interrupted", file=sys.stderr, flush=True)
 
 
 def log(msg: str) -> None:

@@ -22,43 +22,54 @@ MARK = "ADVTRAIN_LAUNCHER"  # set for the ranks this launcher starts
 @dataclass
 class Failure:
     """A rank that ended badly: its global rank, pid, exit code (negative: killed by that signal) and, for a
-    UserError, its message."""
+    UserError, its message. Rank None: the launcher itself was stopped by the signal (Ctrl-C, a scheduler's
+    SIGTERM), and stopped the ranks."""
 
-    rank: int
+    rank: int | None
     pid: int
     exitcode: int
     message: str | None
 
     @property
+    def signal(self) -> str | None:
+        """The signal's name, when a signal ended it."""
+        if self.exitcode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.exitcode).name
+        except ValueError:
+            return f"signal {-self.exitcode}"
+
+    @property
     def how(self) -> str:
-        if self.exitcode < 0:
-            try:
-                name = signal.Signals(-self.exitcode).name
-            except ValueError:
-                name = f"signal {-self.exitcode}"
-            return f"was killed by {name}"
-        return f"exited with code {self.exitcode}"
+        return f"was killed by {self.signal}" if self.signal else f"exited with code {self.exitcode}"
 
 
 def launch(ranks: int, argv: list[str]) -> Failure | None:
     """`python -m advtrain ARGV` on `ranks` ranks of this machine, as `torchrun --standalone --nproc-per-node RANKS`
     runs it; None when every rank finished, else the failure to report."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = torchrun.parse_args(["--standalone", f"--nproc-per-node={ranks}", "-m", "advtrain", *argv])
     os.environ[MARK] = "1"
     # torch elastic's own lines (its rendezvous, "Sending process N closing signal SIGTERM", the failure it saw):
     # what went wrong is said once, by the caller
-    quiet = logging.getLogger("torch.distributed.elastic")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)
+    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith("torch.distributed.elastic")]  # each has its own level (torch's LOGLEVEL)
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
     try:
         torchrun.run(args)
     except ChildFailedError as e:
         return _first(e.failures)
+    except SignalException as e:  # torch elastic's handler of SIGINT/SIGTERM in this process: the ranks are stopped
+        return Failure(None, os.getpid(), -int(e.sigval), None)
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
         os.environ.pop(MARK, None)
     return None
 
@@ -73,12 +84,17 @@ def _first(failures: dict) -> Failure:
     return min(found, key=lambda f: (f.message is None, f.exitcode == -signal.SIGTERM, f.rank))
 
 
+def in_rank() -> bool:
+    """Whether this process is a rank this launcher started."""
+    return bool(os.environ.get(MARK) and os.environ.get("TORCHELASTIC_ERROR_FILE"))
+
+
 def report_in_rank(message: str) -> bool:
     """In a rank this launcher started: write `message` (a one-line error) to the rank's error file for the launcher
     to print, and return True. Elsewhere False: the caller prints it."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not (os.environ.get(MARK) and path):
+    if not in_rank():
         return False
+    path = os.environ["TORCHELASTIC_ERROR_FILE"]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time()), "advtrain": True}))
     if os.environ.get("RANK", "0") != "0":

@@ -53,6 +53,8 @@ def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
     done = state["epoch"] if state else 0
     resume = (f"the same command resumes after epoch {done}" if done else
               "the same command starts it afresh (no epoch had completed)")
+    if failure.rank is None:
+        raise UserError(f"{cfg.name}: {failure.signal} stopped the {devices} ranks; {resume}")
     above = " (its traceback is above)" if failure.exitcode == 1 else ""
     raise UserError(f"{cfg.name}: rank {failure.rank} of {devices} (pid {failure.pid}) {failure.how}{above}; "
                     f"{resume}")
