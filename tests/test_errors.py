@@ -4,7 +4,8 @@ import subprocess
 
 import yaml
 
-from conftest import BIN, FASHION, ROOT, env, run
+from conftest import BIN, FASHION, ROOT, env, make_project, run
+from imagefolder_data import make_image_folder
 
 
 def _cli(proj, *args):
@@ -63,3 +64,26 @@ def test_evaluation_refuses_a_teacher_only_checkpoint(prepared, tmp_path):
     teacher = (proj / "models/teachers/dynat_fashionmnist_seed0.pt").read_bytes()
     (proj / "models/dynat_fashionmnist_seed0.pt").write_bytes(teacher)
     _one_clear_line(_cli(proj, "evaluate", "dynat", "fashionmnist"), "holds a teacher, not a trained model")
+
+
+def test_an_empty_class_folder_gets_one_line(tmp_path):
+    proj = make_project(tmp_path / "p", yaml.safe_load((ROOT / "tests/configs/imagefolder.yaml").read_text()))
+    make_image_folder(proj / "data/raw/shapes", n_train=16, n_test=8)
+    (proj / "data/raw/shapes/train/class9").mkdir()  # torchvision: a 25-line FileNotFoundError traceback
+    _one_clear_line(_cli(proj, "prepare", "shapes"), "data/raw/shapes/train/class9: no images (extensions .jpg",
+                    "put the class's images there, or remove the empty folder")
+    assert not (proj / "data/prepared/shapes/meta.json").exists()
+
+
+def test_a_text_file_given_as_a_model_gets_one_line(tmp_path):
+    proj = make_project(tmp_path / "p")
+    for name, text in (("notes.txt", "a b c d e f g\n"), ("table.csv", "abc,def\n1,2\n"), ("x.json", '{"a": 1}')):
+        (proj / name).write_text(text)  # each once a traceback of the weights-only unpickler (IndexError, KeyError)
+        _one_clear_line(_cli(proj, "evaluate", "--model", name, "--arch", "small_cnn", "fashionmnist"),
+                        f"{name}: a text file, not a checkpoint (torch.save's format)")
+
+
+def test_an_unsafe_name_for_a_model_trained_elsewhere_gets_one_line(tmp_path):
+    proj = make_project(tmp_path / "p")
+    _one_clear_line(_cli(proj, "evaluate", "--model", "m.pt", "--arch", "small_cnn", "--name", "../evil",
+                         "fashionmnist"), "--name '../evil': it names results/NAME_fashionmnist.json")

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from advtrain import paths
 from advtrain.config import Params
+from advtrain.prepared import data_digest
 from conftest import BIN, env, make_project, run
 
 OVERRIDES = {
@@ -36,7 +37,12 @@ def checkpoint(proj) -> Path:
 
 
 def fingerprint(proj) -> str:
-    return Params.load(proj / "params.yaml").resolve("pgd", "fashionmnist").train_fingerprint()
+    """The run's settings and its prepared training split, as the trainer keys its checkpoint."""
+    cfg = Params.load(proj / "params.yaml").resolve("pgd", "fashionmnist")
+    cfg.data_digest = data_digest(json.loads((proj / "data/prepared/fashionmnist/meta.json").read_text()), "train")
+    return cfg.train_fingerprint()
+
+
 TIMING = ("seconds", "images_per_s", "eval_seconds", "seconds_per_attack", "versions", "mlflow_run_key")  # per run
 
 
@@ -83,7 +89,8 @@ def reference(base, tmp_path_factory):
     shutil.copytree(base, proj)
     run([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], proj)
     run([str(BIN / "advtrain"), "evaluate", "pgd", "fashionmnist"], proj)
-    return {"weights": weights(proj), "metrics": untimed(json.loads((proj / METRICS).read_text())["epochs"]),
+    return {"weights": weights(proj), "model_file": (proj / MODEL).read_bytes(),
+            "metrics": untimed(json.loads((proj / METRICS).read_text())["epochs"]),
             "result": untimed(json.loads((proj / RESULT).read_text()))}
 
 
@@ -124,6 +131,8 @@ def test_training_killed_then_rerun_ends_as_if_never_killed(kills, base, referen
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_training(proj, reference)
+    # the same weights give the same bytes (no wall-clock time in the model file), so DVC re-evaluates nothing
+    assert (proj / MODEL).read_bytes() == reference["model_file"]
 
 
 def test_training_killed_under_snakemake_resumes_with_the_same_command(base, reference, tmp_path):

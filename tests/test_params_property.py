@@ -70,3 +70,38 @@ def test_every_valid_mutation_is_accepted(data, path):
         node = node[k]
     node[path[-1]] = data.draw(VALID[path])
     Params(raw)  # must not raise
+
+
+# The data-parallel settings together, where they meet: a last minibatch of fewer images than training.devices
+# (a rank with an empty shard) must be refused in one line for a source of known size, and any other combination
+# accepted or refused in one line. Mostly in range (so that both answers come up), sometimes not a number at all.
+devices = st.one_of(st.integers(1, 8), st.integers(-2, 0), st.sampled_from([None, 2.0, "2", True]))
+batch_sizes = st.one_of(st.integers(1, 300), st.sampled_from([0, -5, None, "128", 12.5]))
+subsets = st.one_of(st.integers(500, 3000), st.integers(0, 70000), st.sampled_from([-1, None, "1000"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(devices=devices, batch_size=batch_sizes, train_subset=subsets, where=st.sampled_from(["training", "dataset"]))
+@example(devices=2, batch_size=100, train_subset=1001, where="dataset")  # the issue's: 1001 images on 2 ranks
+def test_data_parallel_settings_are_accepted_or_refused_in_one_line(devices, batch_size, train_subset, where):
+    from advtrain.methods import METHODS
+
+    raw = copy.deepcopy(BASE)
+    node = raw["training"] if where == "training" else raw["datasets"]["fashionmnist"]["training"]
+    node.update({"devices": devices, "batch_size": batch_size, "train_subset": train_subset})
+    try:
+        params = Params(raw)
+    except ConfigError as e:
+        msg = str(e)
+        assert "\n" not in msg and msg.startswith("params.yaml: "), msg
+        return
+    for method, dataset in params.runs:  # accepted: no run leaves a rank an empty shard of its last minibatch
+        cfgs = [params.resolve(method, dataset)]
+        if METHODS[method].needs_teacher:
+            cfgs.append(params.teacher_config(method, dataset))
+        for cfg in cfgs:
+            tr, sizes = cfg.training, params.source(dataset).sizes
+            n = min(tr["train_subset"], sizes["train"]) if tr["train_subset"] else sizes["train"]
+            held = max(METHODS[cfg.method].held_out(cfg.method_params), tr["val_points"])
+            last = (n - held) % tr["batch_size"]
+            assert not 0 < last < tr["devices"], (cfg.name, n, held, tr)

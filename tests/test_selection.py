@@ -11,6 +11,7 @@ import yaml
 from advtrain import cli, paths
 from advtrain.attacks import L2, pgd
 from advtrain.methods import METHODS
+from advtrain.methods.fgsm import FGSM
 from advtrain.methods.pgd import PGD
 from advtrain.models import build_model
 from advtrain.sources import SOURCES
@@ -63,6 +64,42 @@ def test_select_best_keeps_the_best_validated_epoch_and_last_the_last(select, tm
         assert torch.equal(state[k], v), k
     if select == "best":
         assert how["metric"] == "val_pgd_acc" and how["value"] == robust[want - 1] and "epoch" in how["why"]
+
+
+class CollapsingFGSM(FGSM):
+    """FGSM-RS whose last epoch ends in a collapsed model (a constant answer), which its overfitting guard rolls
+    back."""
+
+    def end_epoch(self, trainer, epoch, metrics):
+        if epoch + 1 == trainer.epochs:
+            last = trainer.model.net.classifier[-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+        return super().end_epoch(trainer, epoch, metrics)
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_a_rollback_publishes_the_earlier_epochs_ema_weights_and_names_that_epoch(select, tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, "fgsm", CollapsingFGSM)
+    cfg = config("fgsm", {"check_points": 100, "on_overfit": "stop"},
+                 {"epochs": 3, "batch_size": 50, "lr": 0.02, "ema_decay": 0.9, "select": select,
+                  "val_points": 100 if select == "best" else 0, "val_pgd_steps": 2})
+    snaps = Snapshots()
+    t = Trainer(cfg, *separable(), tmp_path / "c.pt", callbacks=[snaps], log=lambda m: None)
+    t.fit()
+    good = t.method.best_epoch  # the epoch the guard rolled back to
+    assert t.history[-1]["overfit"] == 1 and t.stop_reason and good < 3, t.history
+    assert t.history[-1]["rolled_back_to"] == good
+    # the EMA (what is published) went back with the model: the published weights are that epoch's
+    for k, v in snaps.states[good].items():
+        assert torch.equal(t.published().state_dict()[k], v), k
+    state, how = t.selected()
+    assert how["epoch"] < 3 and "last epoch (3)" not in how["why"], how
+    if select == "last":
+        assert how["epoch"] == good and f"epoch {good}'s weights, rolled back" in how["why"], how
+    for k, v in snaps.states[how["epoch"]].items():
+        assert torch.equal(state[k], v), k
 
 
 def toy_project(tmp_path, monkeypatch, source, method: str, dataset: dict, method_settings: dict | None = None):
@@ -221,3 +258,70 @@ def test_a_checkpoint_saved_by_plain_torchvision_code_is_evaluated_like_ours(tmp
     assert result["clean_acc"] == expected and result["n_points"] == 30
     assert result["external"]["arch"] == "torchvision:resnet18" and result["seeds"]["seeds"] == [0]
     assert cli.main(["evaluate", "--model", "resnet18.pth", "--arch", "small_cnn", "toyrgb"]) == 2  # wrong arch
+
+
+def test_model_files_of_any_wrapping_are_evaluated_as_they_were_trained(tmp_path, monkeypatch, capsys):
+    """`evaluate --model` takes this project's own model files, the settings of models.<arch>, torch.compile's and
+    wrappers' key prefixes, and believes a normalisation the file states (RobustBench's Sequential(normaliser,
+    model)); a file that does not fit says which tensor and which shapes."""
+    from advtrain.models import MODELS
+    from advtrain.prepared import load_split
+
+    toy_project(tmp_path, monkeypatch, Toy, "standard", {
+        "source": {"name": "toy", "n": 400}, "model": "small_cnn", "eps": 0.1, "alpha": 0.025,
+        "training": {"epochs": 1, "batch_size": 50, "lr": 0.05, "val_points": 0, "select": "last"},
+        "evaluation": {"n_points": 40, "autoattack": "off", "pgd_steps": 2, "cw_steps": 0}})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["models"]["small_cnn"] = {"width": 8, "hidden": 32, "kernel": 3}  # not the architecture's defaults
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for argv in (["prepare", "toy"], ["train", "standard", "toy"], ["evaluate", "standard", "toy"]):
+        assert cli.main(argv) == 0, argv
+    ours = json.loads((tmp_path / "results/seeds/standard_toy/seed0.json").read_text())["clean_acc"]
+
+    def evaluated(file, *extra) -> dict:
+        name = file.split(".")[0]
+        assert cli.main(["evaluate", "--model", file, "--arch", "small_cnn", "--name", name, *extra, "toy"]) == 0, \
+            capsys.readouterr().err
+        return json.loads((tmp_path / f"results/{name}_toy.json").read_text())
+
+    own = evaluated("models/standard_toy_seed0.pt")  # this project's model file (keys normalize.*, net.*)
+    assert own["clean_acc"] == ours and own["external"]["normalize"] == "file", own["external"]
+    net = MODELS["small_cnn"].build(1, 10, width=8, hidden=32)
+    saved = torch.load(tmp_path / "models/standard_toy_seed0.pt", weights_only=True)["model"]
+    net.load_state_dict({k.removeprefix("net."): v for k, v in saved.items() if k.startswith("net.")})
+    torch.save(net.state_dict(), tmp_path / "plain.pt")  # width 8, as models.small_cnn says
+    assert evaluated("plain.pt")["clean_acc"] == ours
+    torch.save(torch.compile(net).state_dict(), tmp_path / "compiled.pt")  # keys _orig_mod.*
+    assert evaluated("compiled.pt")["clean_acc"] == ours
+    wrapper = torch.nn.Module()
+    wrapper.model = net
+    torch.save({"state_dict": wrapper.state_dict()}, tmp_path / "wrapped.pt")  # keys model.*
+    assert evaluated("wrapped.pt")["clean_acc"] == ours
+
+    class Normalizer(torch.nn.Module):  # RobustBench's ImageNormalizer: the model takes [0, 1] images
+        def __init__(self, mean, std):
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+        def forward(self, x):
+            return (x - self.mean) / self.std
+
+    rb = torch.nn.Sequential(Normalizer([0.3], [0.4]), net).eval()  # not the dataset's mean/std (0.2, 0.25)
+    torch.save(rb.state_dict(), tmp_path / "rb.pt")  # keys 0.mean, 0.std, 1.*
+    x, y, _ = load_split(tmp_path / "data/prepared/toy", "test", 40)
+    with torch.no_grad():
+        expected = (rb(x.float() / 255).argmax(1) == y).sum().item() / 40
+    result = evaluated("rb.pt")
+    assert result["clean_acc"] == expected and result["external"]["normalize"] == "file"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", "rb.pt", "--arch", "small_cnn", "--normalize", "dataset", "toy"]) == 2
+    assert "rb.pt: states its own normalisation (mean 0.3, std 0.4), which is used: leave out --normalize dataset" \
+        in capsys.readouterr().err
+
+    five = MODELS["small_cnn"].build(1, 5, width=8, hidden=32)
+    torch.save(five.state_dict(), tmp_path / "five.pt")
+    assert cli.main(["evaluate", "--model", "five.pt", "--arch", "small_cnn", "toy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: five.pt: its weights do not fit small_cnn: classifier.3.weight is 5x32 in the file, 10x32 in "
+                   "small_cnn (5 classes against 10), and 1 more tensors differ in shape"), err

@@ -4,6 +4,7 @@ Both are written atomically and loaded with `weights_only=True`. The model file 
 and method, so loading it into the wrong model gives one clear line instead of a size-mismatch traceback."""
 from __future__ import annotations
 
+import codecs
 import pickle
 import zipfile
 from pathlib import Path
@@ -17,12 +18,33 @@ FORMAT = 1
 
 
 def read_torch(path: Path, what: str, fix: str):
-    """`torch.load(path, weights_only=True)` on the CPU, or one line saying the file is truncated or corrupt."""
+    """`torch.load(path, weights_only=True)` on the CPU, or one line saying the file is truncated or corrupt, or not
+    a file torch.save wrote at all."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        if not zipfile.is_zipfile(path) and _is_text(path):
+            raise UserError(f"{path}: a text file, not a {what} (torch.save's format): {fix}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable {what} (truncated or corrupt: {first[:120]}): {fix}") from None
+    except (IndexError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        # a file torch.save did not write, read by the weights-only unpickler as old-style pickle opcodes: it fails
+        # on whatever its bytes happen to spell
+        if _is_text(path):
+            raise UserError(f"{path}: a text file, not a {what} (torch.save's format): {fix}") from None
+        raise UserError(f"{path}: not a {what}: not a file torch.save wrote ({type(e).__name__} while reading it): "
+                        f"{fix}") from None
+
+
+def _is_text(path: Path) -> bool:
+    """Whether the file's first 4 KB read as UTF-8 text."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # (a character cut at 4 KB is no error)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return b"\x00" not in head
 
 
 def _load(path: Path, what: str, fix: str) -> dict:
@@ -86,9 +108,39 @@ def load_classifier(path: str | Path, info: dict, expect: dict | None = None, ki
     `info` (shape, classes, mean, std)."""
     meta, state = load_model(path, expect=expect, kind=kind)
     model = build_model(meta["model"], info["shape"], info["classes"], info["mean"], info["std"], **meta["model_kwargs"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path}: its weights do not fit a {meta['model']} ({str(e).splitlines()[0][:150]}): "
-                        "retrain it") from None
+    why = weights_mismatch(model, state, meta["model"], info)
+    if why:
+        raise UserError(f"{path}: its weights do not fit a {meta['model']}: {why}: retrain it")
     return meta, model
+
+
+def _shape(t) -> str:
+    return "x".join(map(str, t.shape)) or "a scalar"
+
+
+def weights_mismatch(module: torch.nn.Module, state: dict, arch: str, info: dict) -> str | None:
+    """Load `state` into `module`: None when it fits, else what does not fit, in a few words (torch's own message
+    is a paragraph per tensor)."""
+    try:
+        module.load_state_dict(state)
+        return None
+    except RuntimeError:
+        pass
+    own = module.state_dict()
+    differ = [k for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if differ:  # the usual cause: another number of classes, another width
+        k = differ[0]
+        mine, theirs = own[k], state[k]
+        classes = (f" ({theirs.shape[0]} classes against {info['classes']})"
+                   if mine.dim() and theirs.dim() == mine.dim() and mine.shape[0] == info["classes"]
+                   and theirs.shape[1:] == mine.shape[1:] else "")
+        more = f", and {len(differ) - 1} more tensors differ in shape" if len(differ) > 1 else ""
+        return f"{k} is {_shape(theirs)} in the file, {_shape(mine)} in {arch}{classes}{more}"
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {arch}'s tensors are not in the file (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} of the file's tensors are not in {arch} (e.g. {unexpected[0]})")
+    return "; ".join(parts) or "torch refused them"

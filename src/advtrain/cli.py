@@ -21,13 +21,17 @@ import sys
 
 from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
-from .console import tee_to
+from .console import claim_log, error, interrupted, tee_to
 from .errors import UserError
 from .preemption import Preempted
 
 
+LOCKING = ("train", "pretrain", "evaluate")  # the commands that hold a run's lock while they work
+
+
 def run_evaluate(a: argparse.Namespace, params: Params) -> None:
     if a.model:
+        claim_log()  # a model trained elsewhere has no run lock to wait for
         if len(a.names) != 1 or not a.arch:
             raise UserError("evaluate --model FILE needs --arch NAME and one DATASET: advtrain evaluate --model FILE "
                             "--arch NAME DATASET")
@@ -69,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="the run's seed (default: the first of runs.seeds)")
     p.add_argument("--model", metavar="FILE", help="a state dict trained elsewhere (plain, or under state_dict/model)")
     p.add_argument("--arch", help="its architecture: one of our models, or torchvision:NAME (e.g. torchvision:resnet18)")
-    p.add_argument("--normalize", default="dataset", metavar="HOW",
-                   help="dataset (its mean/std; default), inside (the model normalises itself), or M1,M2,.../S1,S2,...")
+    p.add_argument("--normalize", default=None, metavar="HOW",
+                   help="for a file that does not state its own normalisation (a mean/std beside the network): "
+                        "dataset (its mean/std; default), inside (the model normalises itself), or M1,M2,.../S1,S2,...")
     p.add_argument("--name", help="its name in the results and report (default: external-FILESTEM)")
     p.set_defaults(fn=run_evaluate)
     p = sub.add_parser("aggregate", help="a (method, dataset) over the seeds of runs.seeds: mean, std, intervals")
@@ -94,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv  # `train` relaunches itself with them under torchrun (training.devices)
     if args.log and os.environ.get("RANK", "0") == "0":  # under torchrun, one log: the main rank's
-        tee_to(args.log)
+        # a command that takes a run lock appends to the log until it holds the lock (then it is a fresh file), so a
+        # second process refused by the lock leaves the first one's log whole
+        tee_to(args.log, claim=args.cmd not in LOCKING)
     try:
         args.fn(args, Params.load(args.params))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        error(str(e))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        interrupted()
         return 130
     except Preempted as e:  # a checkpoint is written and the line saying so printed: a failure to resubmit
         return e.exit_code

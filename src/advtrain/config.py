@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from .schema import Check, ConfigError, boolean, choice, fail, integer, list_of,
 from .sources import SOURCES, Source
 
 # --- the schema -----------------------------------------------------------------------------------------------------
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 TRAINING = {
     "epochs": integer(1),
@@ -110,6 +113,16 @@ DATASET = section({
 })
 
 
+def safe_name(name: str, key: str) -> str:
+    """A name that becomes part of file and folder names (data/prepared/NAME, models/METHOD_NAME_seedS.pt, the
+    workflows' patterns): letters, digits, '_' and '-', starting with a letter or digit."""
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"params.yaml: {key}: {name!r} is not a usable name: it names files and folders "
+                          "(data/prepared/NAME, models/METHOD_NAME_seedS.pt), so use letters, digits, '_' and '-', "
+                          "starting with a letter or digit")
+    return name
+
+
 def source_of(settings: dict) -> Source:
     """The data source a dataset's validated `source` setting names, with its settings."""
     return SOURCES[settings["name"]]({k: v for k, v in settings.items() if k != "name"})
@@ -134,6 +147,9 @@ class RunConfig:
     info: dict = field(default_factory=dict)  # shape, classes, mean, std (from the data source)
     threat_model: str = "Linf"
     run_name: str | None = None  # default: METHOD_DATASET
+    # the sha256 of the prepared training split (prepared.data_digest), set once the split is opened: weights are
+    # only valid for the images they were trained on, so it is part of the fingerprint
+    data_digest: str | None = None
 
     @property
     def name(self) -> str:
@@ -147,6 +163,8 @@ class RunConfig:
         # the number of ranks is left out: N ranks compute what one process computes (distributed.py), so a run
         # resumes on another number of devices; how often it checkpoints changes nothing it computes
         fields["training"] = {k: v for k, v in self.training.items() if k not in ("devices", "checkpoint_minutes")}
+        if self.data_digest is not None:
+            fields["data"] = self.data_digest
         blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -163,11 +181,14 @@ class RunConfig:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently)."""
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one silently). A merge key
+    (`<<: *anchor`) is no key of its own: the mapping's own keys override what it merges in, as YAML says."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"{self.name}: key {key!r} is given twice (line {key_node.start_mark.line + 1}): "
@@ -229,11 +250,22 @@ class Params:
         raw = copy.deepcopy(raw)
         self.raw = copy.deepcopy(raw)  # as written (after merging the files), for a front end to compare with its own
         datasets = section({}, extra=lambda k: isinstance(k, str), extra_check=DATASET)(raw.get("datasets"), "datasets")
+        for name in datasets:
+            safe_name(name, f"datasets.{name}")
+        # the runs first: a dataset they list that is not configured is the problem to name, rather than the
+        # per-dataset overrides (methods.<method>.<dataset>) that its removal leaves unknown
+        runs_check = section({"methods": list_of(choice(*METHODS)), "datasets": list_of(text),
+                              "teacher_methods": list_of(choice(*METHODS)), "seeds": list_of(integer(0))},
+                             {"methods": [], "datasets": [], "teacher_methods": [], "seeds": []})
+        runs = runs_check(raw.get("runs"), "runs")
+        for key, v in runs.items():
+            if len(set(v)) != len(v):
+                fail(f"runs.{key}", f"a list of distinct {key.replace('_', ' ')} (one is listed twice)", v)
+        for d in runs["datasets"]:
+            self._known_dataset(d, f"{path}: runs.datasets: ", datasets)
         top = {
             "seed": integer(0),
-            "runs": section({"methods": list_of(choice(*METHODS)), "datasets": list_of(text),
-                             "teacher_methods": list_of(choice(*METHODS)), "seeds": list_of(integer(0))},
-                            {"methods": [], "datasets": [], "teacher_methods": [], "seeds": []}),
+            "runs": runs_check,
             "models": section({name: section(m.params) for name, m in MODELS.items()}),
             # a method's settings may be overridden per configured dataset: methods.<method>.<dataset>
             "methods": section({name: self._method_schema(m, datasets) for name, m in METHODS.items()}),
@@ -253,9 +285,6 @@ class Params:
                     raise ConfigError(f"{path}: runs.{key}: {m} {why}: list it under runs.{other} instead")
         for dataset in datasets:
             self.check_dataset(dataset)
-        seeds = runs["seeds"]
-        if len(set(seeds)) != len(seeds):
-            fail("runs.seeds", "a list of distinct seeds", seeds)
         for method, dataset in self.runs:
             self.check_run(method, dataset, where="runs")
             if METHODS[method].needs_teacher:
@@ -292,9 +321,10 @@ class Params:
             raise ConfigError(f"{pre}unknown method {method!r} (known: {', '.join(METHODS)})")
         self._known_dataset(dataset, pre)
 
-    def _known_dataset(self, dataset: str, pre: str) -> None:
-        if dataset not in self.data["datasets"]:
-            known = ", ".join(self.data["datasets"]) or "none"
+    def _known_dataset(self, dataset: str, pre: str, datasets: dict | None = None) -> None:
+        datasets = self.data["datasets"] if datasets is None else datasets
+        if dataset not in datasets:
+            known = ", ".join(datasets) or "none"
             raise ConfigError(f"{pre}unknown dataset {dataset!r} (configured under datasets: {known}): add "
                               f"datasets.{dataset} (source, model, eps, alpha)")
 
@@ -390,6 +420,11 @@ class Params:
             raise ConfigError(f"{self.path}: {cfg.name} would train on no image: {kept} training images and "
                               f"{setting} holds out {held} of them: lower {setting.rsplit('.', 1)[-1]} or keep "
                               "more training images")
+        devices, last = cfg.training["devices"], (n - held) % cfg.training["batch_size"]
+        if devices > 1 and 0 < last < devices:  # a rank would get an empty shard of the last minibatch
+            raise ConfigError(f"{self.path}: {cfg.name}: the last minibatch would hold {last} of the {n - held} "
+                              f"training images, fewer than the {devices} ranks of training.devices: change "
+                              "training.batch_size or training.train_subset")
         if sizes["test"] < 1:
             raise ConfigError(f"{self.path}: {cfg.dataset} has no test image to evaluate on")
 

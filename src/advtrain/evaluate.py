@@ -104,6 +104,18 @@ class _AutoAttack:
         return (out[0] if isinstance(out, tuple) else out).to(x.device)  # pyautoattack: (x_adv, y_adv)
 
 
+def undefined(attack: str, classes: int) -> str | None:
+    """Why an AutoAttack attack is not defined for a classifier with `classes` outputs, or None when it is.
+
+    APGD-T's targeted DLR loss is (z_y - z_t) / (z_max - (z_3rd + z_4th) / 2): it reads the 4th largest logit, so it
+    needs 4 classes (AutoAttack itself then raises an IndexError). FAB-T and Square are defined from 2 classes (FAB-T
+    targets the classes - 1 runner-up classes); APGD-CE everywhere."""
+    if attack == "apgd-t" and classes < 4:
+        return (f"its targeted DLR loss needs the 3rd and 4th largest logits, so at least 4 classes; this model has "
+                f"{classes}")
+    return None
+
+
 def fingerprint(model_file: Path, eps: float, ev: dict, seed: int, n: int, norm: str = "Linf") -> str:
     h = hashlib.sha256(Path(model_file).read_bytes())
     settings = {"eps": eps, "ev": {k: v for k, v in ev.items() if k != "device"}, "seed": seed, "n": n}
@@ -156,10 +168,23 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         if state_path:
             save_torch(state_path, state)
 
-    aa = None
+    aa = classes = None
+    skipped = state.setdefault("skipped", {})  # AutoAttack attacks not defined for this model: {attack: why}
     for si, stage in enumerate(stages):
         if stage.name in state["done"]:
             continue
+        if stage.family == "aa":
+            if classes is None:
+                with torch.no_grad():
+                    classes = model(x[:1]).shape[1]
+            why = undefined(stage.attack, classes)
+            if why:  # recorded as done: a resumed evaluation goes past it as well
+                skipped[stage.name] = why
+                state["done"].append(stage.name)
+                state["current"] = None
+                save()
+                log(f"[evaluate] {stage.name} skipped: {why}")
+                continue
         mask = state["masks"][stage.family].to(device)
         cur = state["current"]
         if cur and cur["stage"] == stage.name:
@@ -167,8 +192,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         else:
             todo, first = mask.nonzero().squeeze(1), 0
         if stage.family == "aa" and aa is None:
-            with torch.no_grad():
-                classes = model(x[:1].to(device)).shape[1]
             aa = _AutoAttack(model, eps, seed, device, norm, classes)
         n_batches = (len(todo) + bs - 1) // bs
         t0 = time.perf_counter()
@@ -217,9 +240,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             out[family] = {"steps": steps, "restarts": ev["pgd_restarts"], "alpha": alpha, "acc": acc(masks[family]),
                            "acc_after_restart": [state["after"][s.name] for s in stages if s.family == family]}
     if "aa" in families:
-        attacks = AA_VERSIONS[ev["autoattack"]]
+        attacks = [a for a in AA_VERSIONS[ev["autoattack"]] if a not in skipped]
         out["autoattack"] = {
-            "version": ev["autoattack"], "attacks": attacks, "package": _autoattack_module()[1],
+            "version": ev["autoattack"], "attacks": attacks, "skipped": dict(skipped),
+            "package": _autoattack_module()[1],
             "robust_acc_after": {a: state["after"][a] for a in attacks},
             "seconds_per_attack": {a: state["seconds"].get(a, 0.0) for a in attacks},
             "robust_acc": acc(masks["aa"]), "warnings": state["warnings"]}

@@ -37,7 +37,10 @@ def _load_runs(runs: list[tuple[str, str]], extra: list[Path] = ()) -> list[dict
     for method, dataset in runs:
         res = json.loads(result_path(method, dataset).read_text())
         mpath = train_metrics_path(method, dataset, res["seeds"]["seeds"][0])
-        res["curves"] = json.loads(mpath.read_text())["epochs"] if mpath.exists() else []
+        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+        res["curves"] = metrics.get("epochs", [])
+        if "seconds" in metrics.get("totals", {}):  # wall-clock time is the metrics file's, not the model file's
+            res["train"] = {**res.get("train", {}), "seconds": metrics["totals"]["seconds"]}
         out.append(res)
     for path in extra:
         out.append({**json.loads(Path(path).read_text()), "curves": []})
@@ -302,6 +305,13 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path, extra: list[Path] =
             md += ["", "AutoAttack's own warnings:", ""] + [f"- {m}: {w}" for m, w in warned]
             body.append("<ul class=warnings>" + "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(w)}</li>"
                                                          for m, w in warned) + "</ul>")
+        skipped = [(r["method"], a, why) for r in rows for a, why in r.get("autoattack", {}).get("skipped", {}).items()]
+        if skipped:
+            md += ["", "AutoAttack attacks not run (not defined for these models):", ""] + [
+                f"- {m}: {a} skipped: {why}" for m, a, why in skipped]
+            body.append("<p>AutoAttack attacks not run (not defined for these models):</p><ul class=skipped>" + "".join(
+                f"<li><b>{html.escape(m)}</b>: {html.escape(a)} skipped: {html.escape(why)}</li>"
+                for m, a, why in skipped) + "</ul>")
         breakdown = [r for r in rows if r.get("autoattack")]
         if breakdown:
             md += ["", "Robust accuracy (%) after each AutoAttack stage:", ""]

@@ -113,6 +113,8 @@ def open_client(uri: str):
     _quiet_mlflow()  # after the import, which sets its own levels
     db = _sqlite_file(uri)
     with store_setup(uri):
+        if db is not None:
+            _remove_stale_temporaries(db)
         if db is not None and not db.exists():
             db.parent.mkdir(parents=True, exist_ok=True)
             tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
@@ -120,6 +122,22 @@ def open_client(uri: str):
             MlflowClient(f"sqlite:///{tmp}")  # creates the tables and runs every migration
             os.replace(tmp, db)
         return MlflowClient(uri)
+
+
+def _remove_stale_temporaries(db: Path) -> None:
+    """The temporary stores (and sqlite's journals of them) that processes killed while creating the store left
+    beside it: .NAME.PID.tmp, .NAME.PID.tmp-journal. Called under the store's set-up lock; only the files of
+    processes that are gone are removed (a file whose PID is alive is left to that process)."""
+    for f in db.parent.glob(f".{db.name}.*.tmp*"):
+        pid = f.name[len(db.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # gone
+            f.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 _warming: threading.Thread | None = None

@@ -140,6 +140,7 @@ class Trainer:
         self.ema = (swa.AveragedModel(self.model, multi_avg_fn=swa.get_ema_multi_avg_fn(self.tr["ema_decay"]),
                                       use_buffers=True) if self.tr["ema_decay"] else None)
         self.best: dict | None = None  # the best epoch so far by validation: {"epoch", "metric", "value", "state"}
+        self.restored_epoch: int | None = None  # set by `restore` within an epoch: the epoch the weights are from
         self.method.setup(self)
         if self.method.needs_teacher:
             self.method.attach_teacher(self, teacher)
@@ -303,8 +304,9 @@ class Trainer:
         state = checkpoint.load_training_state(self.checkpoint_path)
         if state is None:
             others = [p.name for p in self.checkpoint_path.parent.glob("*.pt") if p != self.checkpoint_path]
-            kept = f" ({len(others)} of other settings kept in {self.checkpoint_path.parent}/)" if others else ""
-            self.log(f"[{self.cfg.name}] no checkpoint of these settings; starting afresh{kept}")
+            kept = (f" ({len(others)} of other settings or data kept in {self.checkpoint_path.parent}/)"
+                    if others else "")
+            self.log(f"[{self.cfg.name}] no checkpoint of these settings and data; starting afresh{kept}")
             return False
         if state.get("fingerprint") != self.cfg.train_fingerprint():
             self.log(f"[{self.cfg.name}] {self.checkpoint_path} is from other settings; starting afresh")
@@ -408,7 +410,9 @@ class Trainer:
         metric = self.method.selection_metric
         if self.best is None or out[metric] > self.best["value"]:
             state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            self.best = {"epoch": epoch + 1, "metric": metric, "value": out[metric], "state": state}
+            # weights rolled back in this epoch (FGSM's guard) are the earlier epoch's
+            self.best = {"epoch": self.restored_epoch or epoch + 1, "metric": metric, "value": out[metric],
+                         "state": state}
         return out
 
     def selected(self) -> tuple[dict, dict]:
@@ -422,13 +426,18 @@ class Trainer:
             return b["state"], {"select": "best", "epoch": b["epoch"], "metric": b["metric"], "value": b["value"],
                                 "val_points": n_val, "ema": self.ema is not None, "why": why}
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.published().state_dict().items()}
+        rolled_back = self.history[-1].get("rolled_back_to") if self.history else None
+        if rolled_back:  # the last epoch ended by restoring an earlier epoch's weights
+            return state, {"select": "last", "epoch": rolled_back, "val_points": n_val, "ema": self.ema is not None,
+                           "why": f"epoch {rolled_back}'s weights, rolled back to after epoch {self.epoch}"}
         return state, {"select": "last", "epoch": self.epoch, "val_points": n_val, "ema": self.ema is not None,
                        "why": f"the last epoch ({self.epoch})"}
 
     # --- what end-of-epoch checks call (FGSM's catastrophic-overfitting guard) ----------------------------------
 
     def snapshot(self) -> dict:
-        """A copy of the model and optimizer state (on the CPU), to roll back to."""
+        """A copy of the model, optimizer and EMA state (on the CPU) at the end of the epoch being run, to roll back
+        to."""
         def cpu(obj):
             if isinstance(obj, torch.Tensor):
                 return obj.detach().to("cpu", copy=True)
@@ -438,11 +447,17 @@ class Trainer:
                 return [cpu(v) for v in obj]
             return obj
 
-        return {"model": cpu(self.model.state_dict()), "optimizer": cpu(self.optimizer.state_dict())}
+        return {"model": cpu(self.model.state_dict()), "optimizer": cpu(self.optimizer.state_dict()),
+                "ema": cpu(self.ema.state_dict()) if self.ema is not None else None, "epoch": self.epoch + 1}
 
     def restore(self, snap: dict) -> None:
+        """Back to a snapshot's weights (the EMA's too: it is what is published); the epoch's metrics and the model
+        file say which epoch they are from."""
         self.model.load_state_dict(snap["model"])
         self.optimizer.load_state_dict(snap["optimizer"])
+        if self.ema is not None and snap.get("ema") is not None:
+            self.ema.load_state_dict(snap["ema"])
+        self.restored_epoch = snap.get("epoch")
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -536,7 +551,10 @@ class Trainer:
             "seconds": seconds,
             "images_per_s": a["n"] / seconds if seconds > 0 else math.nan,
         }
+        self.restored_epoch = None
         metrics.update(self.method.end_epoch(self, epoch, metrics))
+        if self.restored_epoch:
+            metrics["rolled_back_to"] = self.restored_epoch
         if self.world.on and not self.world.all_true(self.stop_reason is None, dev):
             self.stop_reason = self.stop_reason or "another rank stopped training"
         if self.val is not None and self.world.main:  # only the main rank writes the model file it selects

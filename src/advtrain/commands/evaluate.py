@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .. import resources
 from ..checkpoint import load_classifier
-from ..config import Params
-from ..console import log
+from ..config import SAFE_NAME, Params
+from ..console import claim_log, log
 from ..summary import summarise
+from ..errors import UserError
 from ..evaluate import evaluate, fingerprint
 from ..external import load_external
 from ..io import sha256_file, write_json
@@ -33,6 +34,7 @@ def run(params: Params, method: str, dataset: str, seed: int | None = None) -> d
     resources.require_planned_gpus(resources.planned_gpus(device, cfg.model), cfg.name,
                                    f"evaluation.device {device} with {cfg.model}")
     with exclusive(run_lock(cfg.name), f"training or evaluating {cfg.name}"):
+        claim_log()
         return _run(cfg, method, dataset)
 
 
@@ -77,14 +79,19 @@ def _run(cfg, method: str, dataset: str) -> dict:
     return publish(cfg, record, rpath, data_meta)
 
 
-def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str = "dataset",
+def run_external(params: Params, dataset: str, file: str, arch: str, normalize: str | None = None,
                  name: str | None = None) -> dict:
     """A checkpoint trained elsewhere, evaluated with the dataset's settings: the same stages, the same result JSON
     (results/NAME_DATASET.json, a run of one seed), and a row of the report when its dataset is reported."""
     cfg = params.resolve("standard", dataset)  # the dataset's eps, threat model and evaluation settings
     cfg.evaluation = params.dataset_evaluation(dataset)
+    if name is not None and not SAFE_NAME.fullmatch(name):  # it names results/NAME_DATASET.json
+        raise UserError(f"--name {name!r}: it names results/NAME_{dataset}.json, so use letters, digits, '_' and '-', "
+                        "starting with a letter or digit")
     name = name or f"external-{Path(file).stem}"
-    model = load_external(file, arch, cfg.info, normalize)
+    # the normalisation the file states, else --normalize (the dataset's by default); our architectures with their
+    # settings in params.yaml (models.ARCH)
+    model, normalize = load_external(file, arch, cfg.info, normalize, params.data["models"].get(arch, {}))
     model.use_channels_last(cfg.training["channels_last"] is not False)
     images, labels, data_meta = load_split(prepared_dir(dataset), "test", cfg.evaluation["n_points"])
     ev = cfg.evaluation

@@ -9,7 +9,7 @@ Catastrophic overfitting (robust accuracy collapsing within an epoch) is watched
 or `off` (only report it). Every event is logged and recorded in the metrics (`overfit`, `holdout_pgd_acc`)."""
 
 from ..attacks import pgd, worst_case
-from ..lazy import F
+from ..lazy import F, torch
 from ..schema import choice, integer, number
 from .base import Method
 
@@ -39,10 +39,13 @@ class FGSM(Method):
         trainer.record(loss, adv=(logits, y))
 
     def holdout_accuracy(self, trainer) -> float:
+        """PGD accuracy on the held-out images, averaged over the ranks under torchrun: their BatchNorm statistics
+        differ (each normalises its own shard), and the guard's decision must be the same on every rank."""
         x, y = trainer.holdout
         robust, _ = worst_case(trainer.model, x, y, self.eps, self.eps / 4, self.p["check_steps"], autocast=trainer.autocast)
         trainer.model.train()
-        return robust.sum().item() / len(y)
+        correct = trainer.world.sum(robust.sum().to(torch.float64))
+        return correct.item() / (len(y) * trainer.world.size)
 
     def end_epoch(self, trainer, epoch, metrics):
         if not self.p["check_points"]:

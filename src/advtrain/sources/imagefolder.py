@@ -86,8 +86,16 @@ class ImageFolder(Source):
                                 f"{test}/CLASS/*.jpg (set datasets.<name>.source.path)")
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-        classes, to_index = find_classes(str(train))
-        train_files = make_dataset(str(train), to_index, IMG_EXTENSIONS)
+        try:
+            classes, to_index = find_classes(str(train))
+        except FileNotFoundError:
+            raise UserError(f"{train}: no class folders in it: an ImageFolder dataset needs {train}/CLASS/*.jpg") from None
+        train_files = make_dataset(str(train), to_index, IMG_EXTENSIONS, allow_empty=True)
+        empty = sorted(set(classes) - {classes[k] for _, k in train_files})
+        if empty:  # torchvision's own refusal is a FileNotFoundError traceback
+            raise UserError(f"{train / empty[0]}: no images (extensions {', '.join(IMG_EXTENSIONS)})"
+                            + (f", nor in {len(empty) - 1} more class folders" if len(empty) > 1 else "")
+                            + ": put the class's images there, or remove the empty folder")
         if self.settings["test_list"]:
             test_files = self.listed_test(test, to_index)
         else:
