@@ -110,5 +110,6 @@ def test_a_dataset_removed_but_still_listed_in_runs_names_the_runs():
     with pytest.raises(ConfigError) as e:
         Params(raw)
     msg = str(e.value)
-    assert msg.startswith("params.yaml: runs.datasets: unknown dataset 'fashionmnist' (configured under datasets: "), msg
+    assert msg.startswith("params.yaml: runs.datasets: unknown dataset 'fashionmnist' (configured under datasets: "), \
+        msg
     assert "add datasets.fashionmnist" in msg and "methods." not in msg, msg

@@ -323,5 +323,5 @@ def test_model_files_of_any_wrapping_are_evaluated_as_they_were_trained(tmp_path
     torch.save(five.state_dict(), tmp_path / "five.pt")
     assert cli.main(["evaluate", "--model", "five.pt", "--arch", "small_cnn", "toy"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: five.pt: its weights do not fit small_cnn: classifier.3.weight is 5x32 in the file, 10x32 in "
-                   "small_cnn (5 classes against 10), and 1 more tensors differ in shape"), err
+    assert err == ("error: five.pt: its weights do not fit small_cnn: classifier.3.weight is 5x32 in the file, 10x32 "
+                   "in small_cnn (5 classes against 10), and 1 more tensors differ in shape"), err

@@ -89,7 +89,8 @@ class ImageFolder(Source):
         try:
             classes, to_index = find_classes(str(train))
         except FileNotFoundError:
-            raise UserError(f"{train}: no class folders in it: an ImageFolder dataset needs {train}/CLASS/*.jpg") from None
+            raise UserError(f"{train}: no class folders in it: an ImageFolder dataset needs {train}/CLASS/*.jpg") \
+                from None
         train_files = make_dataset(str(train), to_index, IMG_EXTENSIONS, allow_empty=True)
         empty = sorted(set(classes) - {classes[k] for _, k in train_files})
         if empty:  # torchvision's own refusal is a FileNotFoundError traceback
