@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from .cpus import usable_cpus
 from .errors import UserError
 from .io import save_torch, sha256_file, write_json
 from .lazy import torch
@@ -61,7 +62,7 @@ def prepare_shards(source: Source, out_dir: Path, raw_dir: Path) -> dict:
     enc = source.encoding()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
-    workers = min(os.cpu_count() or 1, 16)
+    workers = min(usable_cpus(), 16)
     splits = {split: write_split(out_dir, split, files, enc, source.settings["shard_images"], workers)
               for split, files in (("train", listed.train), ("test", listed.test))}
     keep = {name for e in splits.values() for name in [*e["shards"], e["index"]["name"]]}
