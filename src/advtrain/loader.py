@@ -45,6 +45,11 @@ class DeviceLoader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, start: int = 0):
+        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
+        whole epoch leaves it), the first `start` batches are skipped (a checkpoint inside an epoch resumes so)."""
         n, g = len(self.labels), self.generator
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         dy = torch.randint(0, 2 * self.crop + 1, (n,), generator=g) if self.crop else None
@@ -52,8 +57,8 @@ class DeviceLoader:
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else None
         order, dy, dx, flips = (t.to(self.device, non_blocking=True) if t is not None else None
                                 for t in (order, dy, dx, flips))
-        for start in range(0, n, self.batch_size):
-            sl = shard_rows(slice(start, min(start + self.batch_size, n)), self.shard)
+        for first in range(start * self.batch_size, n, self.batch_size):
+            sl = shard_rows(slice(first, min(first + self.batch_size, n)), self.shard)
             idx = order[sl]
             x = self.images[idx]
             if self.crop:
