@@ -52,3 +52,31 @@ def test_a_cgroup_v1_quota_counts_too_and_a_container_sees_its_own_cgroup_as_roo
     write(root / "cpu,cpuacct/cpu.cfs_quota_us", "-1\n")  # v1's "no limit"
     assert cgroup_cpu_quota(root, proc) is None
     assert cgroup_cpu_quota(root, tmp_path / "missing") is None
+
+
+def test_held_out_and_test_points_stay_uint8_and_give_the_numbers_of_float_points(tmp_path):
+    """Validation, a method's holdout and evaluation keep their points as uint8 and make each batch float: the same
+    robust flags and the same evaluation record as float points."""
+    import torch
+
+    from advtrain.attacks import worst_case
+    from advtrain.evaluate import evaluate
+    from advtrain.trainer import Trainer
+    from test_methods import config, synthetic
+
+    cfg = config("fgsm", {"check_points": 50}, {"epochs": 1, "batch_size": 50, "lr": 0.02, "val_points": 80,
+                                                "select": "best"})
+    t = Trainer(cfg, *synthetic(300), tmp_path / "c.pt", log=lambda m: None)
+    assert t.val[0].dtype == torch.uint8 and t.holdout[0].dtype == torch.uint8 and len(t.val[0]) == 80
+    t.fit()
+    x, y = t.val
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    robust8, none = worst_case(t.model, x, y, 0.1, 0.025, 2, restarts=2, generator=g(), adversarial=False)
+    robust32, _ = worst_case(t.model, x.float() / 255, y, 0.1, 0.025, 2, restarts=2, generator=g())
+    assert none is None and torch.equal(robust8, robust32)
+    ev = {**cfg.evaluation, "pgd_steps": 2, "cw_steps": 2, "pgd_restarts": 1, "autoattack": "off", "batch_size": 32}
+    runs = [evaluate(t.model, points, y, 0.1, ev, 0, torch.device("cpu"), log=lambda m: None)
+            for points in (x, x.float() / 255)]
+    for r in runs:
+        r.pop("seconds")
+    assert runs[0] == runs[1]
