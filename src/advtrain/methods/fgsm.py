@@ -40,8 +40,8 @@ class FGSM(Method):
 
     def holdout_accuracy(self, trainer) -> float:
         x, y = trainer.holdout
-        robust, _ = worst_case(trainer.model, x, y, self.eps, self.eps / 4, self.p["check_steps"], autocast=trainer.autocast,
-                               adversarial=False)
+        robust, _ = worst_case(trainer.model, x, y, self.eps, self.eps / 4, self.p["check_steps"],
+                               autocast=trainer.autocast, adversarial=False)
         trainer.model.train()
         return robust.sum().item() / len(y)
 
