@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the figures as JSON")
     args = ap.parse_args()
     device = torch.device(args.device)
+    from advtrain.cpus import usable_cpus
     from advtrain.prepared import prepare
     from advtrain.sources import SOURCES
 
@@ -126,8 +127,9 @@ def main() -> None:
         prep_s = time.perf_counter() - t0
         shard_bytes = sum(e["bytes"] for e in meta["splits"]["train"]["shards"].values())
         n = meta["n_train"]
-        print(f"prepare: {n} images in {prep_s:.1f}s ({n / prep_s:.0f} img/s with {os.cpu_count()} processes); "
-              f"source {raw_bytes / n / 1e3:.1f} KB/image, shards {shard_bytes / n / 1e3:.1f} KB/image", flush=True)
+        print(f"prepare: {n} images in {prep_s:.1f}s ({n / prep_s:.0f} img/s with {min(usable_cpus(), 16)} "
+              f"processes); source {raw_bytes / n / 1e3:.1f} KB/image, shards {shard_bytes / n / 1e3:.1f} KB/image",
+              flush=True)
         figures = {}
         for name, make in (("reference", lambda: reference(root, args, device)),
                            ("ours", lambda: ours(tmp / "prepared" / "bench", args, device))):

@@ -13,7 +13,9 @@ import signal
 # before torch is imported (the tests import it): a worker's share of the cores, so that the workers'
 # OpenMP threads do not outnumber the cores (they spin at their barriers while they wait for each other)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    from advtrain.cpus import usable_cpus
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 # pytest-xdist's workers ignore SIGINT (the controller takes Ctrl-C), and an ignored signal stays ignored in every
 # process they start: the commands a test interrupts with Ctrl-C must get Python's usual KeyboardInterrupt
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:

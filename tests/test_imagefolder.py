@@ -110,6 +110,17 @@ def test_stream_is_a_function_of_the_seed_with_or_without_workers_and_resumes(sh
     assert not torch.equal(epoch2[0], one[0][0])  # and a new epoch is a new draw
 
 
+def test_the_device_cropping_path_gives_the_workers_batches(shards):
+    """The stage CUDA training takes without GPU decode ("decoded": the workers send each batch's whole images, of
+    their own sizes, as one buffer; the training device crops) gives what the CPU path's workers crop themselves."""
+    for workers in (0, 2):
+        plain = [(x.clone(), y.clone()) for x, y in stream(shards, workers=workers)]
+        device_side = stream(shards, workers=workers)
+        device_side.stage = "decoded"
+        for (a, y), (b, z) in zip(plain, device_side):
+            assert torch.equal(a, b) and torch.equal(y, z)
+
+
 def test_an_epoch_resumed_at_a_batch_is_the_rest_of_the_same_epoch(shards):
     """What a checkpoint inside an epoch relies on (preemption.py): from the epoch's starting generator state,
     batches(k) yields batches k, k+1, ... of that epoch, and leaves the generator where the whole epoch leaves it."""

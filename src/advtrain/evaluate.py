@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import faults
-from .attacks import pgd, predict
+from .attacks import as_float, pgd, predict
 from .io import save_torch
 from .lazy import torch
 from .stats import pack_bits
@@ -143,6 +143,8 @@ def load_state(path: Path, key: str, log: Callable[[str], None]) -> dict | None:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ev: dict, seed: int,
              device: torch.device, log: Callable[[str], None] = print, state_path: Path | None = None,
              key: str = "", norm: str = "Linf") -> dict:
+    """x: the points, as uint8 pixels (kept so on the device, made float a batch at a time: a quarter of float32's
+    memory) or float [0, 1] images; the same numbers either way."""
     model.eval().to(device)
     x, y = x.to(device), y.to(device)
     n, bs = len(y), ev["batch_size"]
@@ -155,7 +157,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         state = {"key": key, "clean": clean.cpu(), "masks": {f: clean.cpu().clone() for f in ("pgd", "cw", "aa")},
                  "done": [], "after": {}, "seconds": {"clean": time.perf_counter() - t0}, "current": None,
                  "batches": 0, "warnings": [],
-                 "ex_adv": x[:N_EXAMPLES].cpu().clone(), "ex_fooled": torch.zeros(min(n, N_EXAMPLES), dtype=torch.bool)}
+                 "ex_adv": as_float(x[:N_EXAMPLES]).cpu().clone(),
+                 "ex_fooled": torch.zeros(min(n, N_EXAMPLES), dtype=torch.bool)}
     else:
         done_batches = state["batches"]
         log(f"[evaluate] resuming from {state_path}: {len(state['done'])}/{len(stages)} attacks and "
@@ -176,7 +179,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         if stage.family == "aa":
             if classes is None:
                 with torch.no_grad():
-                    classes = model(x[:1]).shape[1]
+                    classes = model(as_float(x[:1])).shape[1]
             why = undefined(stage.attack, classes)
             if why:  # recorded as done: a resumed evaluation goes past it as well
                 skipped[stage.name] = why
@@ -198,11 +201,11 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         for bi in range(first, n_batches):
             b = todo[bi * bs:(bi + 1) * bs]
             if stage.family == "aa":
-                x_adv = aa(stage.attack, x[b], y[b])
+                x_adv = aa(stage.attack, as_float(x[b]), y[b])
             else:  # seeded per (stage, batch), so a resumed evaluation draws the same random starts
                 torch.manual_seed(seed * 1_000_003 + si * 10_007 + bi)
                 steps = ev["pgd_steps"] if stage.family == "pgd" else ev["cw_steps"]
-                x_adv = pgd(model, x[b], y[b], eps, alpha, steps, loss=stage.attack, norm=norm)
+                x_adv = pgd(model, as_float(x[b]), y[b], eps, alpha, steps, loss=stage.attack, norm=norm)
             fooled = predict(model, x_adv, bs) != y[b]
             mask[b[fooled]] = False
             shown = b < N_EXAMPLES  # keep an adversarial image for the report's grid: the one that fooled, if any
@@ -260,6 +263,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             "adv_pred": predict(model, adv, bs).tolist(), "robust": robust[:k].tolist(),
             "shape": list(x.shape[1:]),
             # uint8 pixels, hex-encoded: 8 small images stay a few KB of JSON
-            "clean_u8": [(x[i] * 255).round().to(torch.uint8).cpu().numpy().tobytes().hex() for i in range(k)],
+            "clean_u8": [(as_float(x[i]) * 255).round().to(torch.uint8).cpu().numpy().tobytes().hex()
+                         for i in range(k)],
             "adv_u8": [(adv[i] * 255).round().to(torch.uint8).cpu().numpy().tobytes().hex() for i in range(k)]}
     return out

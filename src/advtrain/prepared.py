@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .cpus import usable_cpus
 from .errors import UserError
 from .io import save_torch, sha256_file, write_json
 from .lazy import torch
@@ -67,7 +68,7 @@ def prepare_shards(source: Source, out_dir: Path, raw_dir: Path) -> dict:
     for left in out_dir.glob(".*.*"):  # the temporary folders of writes a killed prepare left (io.atomic_path)
         if left.is_dir() and re.fullmatch(r"\.(.+-\d{5}\.bin|.+\.index\.pt|meta\.json)\.[^.]+", left.name):
             shutil.rmtree(left, ignore_errors=True)
-    workers = min(os.cpu_count() or 1, 16)
+    workers = min(usable_cpus(), 16)
     unreadable: list[tuple[str, str]] = []
     splits = {split: write_split(out_dir, split, files, enc, source.settings["shard_images"], workers, unreadable)
               for split, files in (("train", listed.train), ("test", listed.test))}

@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -234,13 +235,27 @@ def _write_shard(out_dir: Path, name: str, chunk: list[tuple[str, int]], enc: En
     return record
 
 
+def _tensor(buf: bytearray) -> torch.Tensor:
+    """A uint8 tensor on `buf`'s memory (no copy)."""
+    return torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+
+
 def _hash(path: Path) -> str:
     return sha256_file(path)
 
 
+OPEN_SHARDS = 16  # shard files a reader keeps open per process, the most recently read
+
+
 class ShardReader:
-    """Random access to a prepared split's images. Opened in each process that reads (DataLoader workers too): it
-    holds only paths until the first read, then one memory map per shard."""
+    """Random access to a prepared split's images, by positioned reads (os.pread) of its shard files.
+
+    Open descriptors are bounded: at most OPEN_SHARDS shard files stay open, the least recently read closed first.
+    A split has a file per `shard_images` images (ImageNet: 1,282 at 1,000 per shard) and a random order reads
+    them all in every DataLoader worker, so one open file (or memory map) per shard touched would pass a process's
+    usual limit of 1,024 descriptors. A forked process (a DataLoader worker) inherits the reader with its index
+    (loaded and checked once, in the process that opened it) and closes its copies of the parent's descriptors at
+    its first read; pickled (spawned workers), it travels without them."""
 
     def __init__(self, folder: Path, split: str, meta: dict):
         self.folder, self.split, self.meta = Path(folder), split, meta
@@ -255,7 +270,8 @@ class ShardReader:
         self.shard, self.offset, self.length = index["shard"], index["offset"], index["length"]
         self.labels = index["label"]
         self.hw = torch.stack([index["height"], index["width"]], 1)  # (N, 2): each stored image's height, width
-        self._maps: dict[int, np.memmap] = {}
+        self._files: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently read first
+        self._pid = os.getpid()  # the process the descriptors belong to
 
     def _index(self) -> dict:
         e = self.entry["index"]
@@ -292,14 +308,60 @@ class ShardReader:
             if digest != self.entry["shards"][name]["sha256"]:
                 raise UserError(f"{self.folder / name}: corrupt (its sha256 does not match meta.json): {self.fix}")
 
+    def _file(self, k: int) -> int:
+        """The open descriptor of shard k (opened now, closing the least recently read beyond OPEN_SHARDS)."""
+        if self._pid != os.getpid():  # a forked copy: these are the child's copies of the parent's descriptors
+            self.close()
+            self._pid = os.getpid()
+        fd = self._files.pop(k, None)
+        if fd is None:
+            while len(self._files) >= OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+            fd = os.open(self.folder / f"{self.split}-{k:05d}.bin", os.O_RDONLY)  # not inherited by exec
+        self._files[k] = fd
+        return fd
+
+    def _read(self, i: int, into: memoryview) -> None:
+        """Image i's stored bytes into `into` (its length)."""
+        k, start = int(self.shard[i]), int(self.offset[i])
+        fd, done = self._file(k), 0
+        while done < len(into):
+            got = os.preadv(fd, [into[done:]], start + done)
+            if got == 0:
+                raise UserError(f"{self.folder / f'{self.split}-{k:05d}.bin'}: truncated (image {i} ends past its "
+                                f"end): {self.fix}")
+            done += got
+
     def raw(self, i: int) -> torch.Tensor:
-        """Image i's stored bytes (uint8 1-D, a copy)."""
-        k = int(self.shard[i])
-        m = self._maps.get(k)
-        if m is None:
-            m = self._maps[k] = np.memmap(self.folder / f"{self.split}-{k:05d}.bin", dtype=np.uint8, mode="r")
-        start = int(self.offset[i])
-        return torch.from_numpy(np.array(m[start:start + int(self.length[i])]))
+        """Image i's stored bytes (uint8 1-D, its own memory)."""
+        buf = bytearray(int(self.length[i]))
+        self._read(int(i), memoryview(buf))
+        return _tensor(buf)
+
+    def raw_many(self, rows) -> tuple[torch.Tensor, list[int]]:
+        """The stored bytes of `rows` back to back in one uint8 buffer, and the len(rows) + 1 offsets of each image's
+        bytes in it: what crosses from a DataLoader worker as one piece of shared memory."""
+        offsets = [0]
+        for i in rows:
+            offsets.append(offsets[-1] + int(self.length[int(i)]))
+        buf = bytearray(offsets[-1])
+        view = memoryview(buf)
+        for j, i in enumerate(rows):
+            self._read(int(i), view[offsets[j]:offsets[j + 1]])
+        return _tensor(buf), offsets
+
+    def close(self) -> None:
+        while self._files:
+            os.close(self._files.popitem()[1])
+
+    def __del__(self):
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):  # at interpreter exit, or a reader that failed to open
+            pass
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_files": OrderedDict(), "_pid": None}
 
     def decode(self, rows) -> list[torch.Tensor]:
         """The images `rows` as uint8 (3, height, width) tensors on the CPU, channels-last in memory (each its own

@@ -2,14 +2,15 @@
 resized and flipped on the training device (on the CPU, in the workers).
 
 Per epoch, the main process draws the order and every image's crop box and flip from the loader's own generator
-(so the stream is a function of the seed, and a resumed run replays it); workers only read and decode. Under data
-parallelism each rank reads and decodes only its part of every global batch. On CUDA the JPEG decode can run on the
-GPU (`decode: cuda`): the workers then only read bytes."""
+(so the stream is a function of the seed, and a resumed run replays it) and hands the plan to the workers, which
+persist across epochs; workers only read and decode (and, training on the CPU, crop). Each batch crosses from a
+worker as one uint8 tensor. Under data parallelism each rank reads and decodes only its part of every global batch.
+On CUDA the JPEG decode can run on the GPU (`decode: cuda`): the workers then only read bytes."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+from .cpus import usable_cpus
 from .distributed import World
 from .errors import UserError
 from .lazy import F, torch
@@ -113,35 +114,64 @@ def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int)
     return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
 
 
-class _Batches:
-    """Item k = batch k of the epoch's plan, read in a worker, and then, by `stage`: "bytes" (the GPU decodes),
-    "decoded" (uint8 images: the device crops), or "augmented" (training on the CPU: the workers crop too, so the
-    work spreads over them). A map-style dataset by its __len__ and __getitem__, as DataLoader takes one; it does not
-    subclass torch's Dataset (which adds only `+`), as a base class would load torch when this module is imported."""
+class _Plan:
+    """The DataLoader's sampler: the items of the epoch being read (set by StreamLoader.batches before each epoch).
+    The DataLoader sends each item to a worker through its index queue, so the persistent workers get every
+    epoch's plan without being made again."""
 
-    def __init__(self, folder: Path, split: str, meta: dict, plan: list, stage: str, size: int):
-        self.args = (folder, split, meta)
-        self.plan, self.stage, self.size = plan, stage, size  # plan[k]: (rows, boxes, flips)
-        self.reader: ShardReader | None = None
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.plan)
+        return len(self.items)
 
-    def __getitem__(self, k: int):
-        if self.reader is None:  # opened in the worker: memory maps are not shared across fork
-            self.reader = ShardReader(*self.args)
-        rows, box, flip = self.plan[k]
+
+class _Batches:
+    """Reads a batch of the epoch's plan in a DataLoader worker. Its item (from _Plan) is (k, rows, boxes, flips):
+    batch k's stored images and, for the "augmented" stage, their crop boxes and flips, as numpy arrays (pickled by
+    value; a tensor would cross as its own piece of shared memory, a descriptor each). By `stage` it returns
+    ("bytes": the GPU decodes) the images' stored bytes in one buffer and their offsets, ("decoded": the device
+    crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or ("augmented": training on the CPU, where the workers crop too, so the work spreads
+    over them) the cropped, resized, flipped images as uint8: each batch crosses to the training process as one
+    tensor. It holds the reader of the training process: a forked worker shares its index, loaded and checked
+    once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
+    (which adds only `+`), as a base class would load torch when this module is imported."""
+
+    def __init__(self, reader: ShardReader, stage: str, size: int):
+        self.reader, self.stage, self.size = reader, stage, size
+
+    def __getitem__(self, item):
+        k, rows, box, flip = item
         if self.stage == "bytes":
-            return [self.reader.raw(int(i)) for i in rows], k
+            data, offsets = self.reader.raw_many(rows)
+            return data, offsets, k
         x = self.reader.decode(rows)
-        return (crop_resize(x, box, flip, self.size) if self.stage == "augmented" else x), k
+        if self.stage == "decoded":  # images of their own sizes: their HWC pixels back to back in one buffer
+            offsets = [0]
+            for img in x:
+                offsets.append(offsets[-1] + img.numel())
+            return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x]), offsets, k
+        if self.stage == "augmented":
+            x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size)
+            # on the CPU crop_resize resizes uint8 pixels: its floats are whole multiples of 1/255, so uint8 holds
+            # them exactly in a quarter of the bytes
+            x = x.mul_(255).round_().to(torch.uint8)
+        return x, None, k
 
 
 class StreamLoader:
     """Batches of float [0, 1] images (B, 3, size, size) on `device` with their labels, from a sharded split.
 
     `rows`: which stored images (storage order) this loader trains on. `shard`: under data parallelism, this
-    rank's slice of a global batch; the loader then yields only that part."""
+    rank's slice of a global batch; the loader then yields only that part.
+
+    The DataLoader and its workers are made at the first epoch and kept for the next ones (persistent workers);
+    each epoch's plan reaches them through the sampler. Images come to the training process as uint8 and become
+    float on the training device. One epoch is read at a time: starting another abandons what is left of the
+    last."""
 
     def __init__(self, reader: ShardReader, rows: torch.Tensor, batch_size: int, device: torch.device | str,
                  size: int, augment: dict, seed: int = 0, channels_last: bool = False, workers: int = 2,
@@ -156,6 +186,12 @@ class StreamLoader:
             raise UserError(f"decode: cuda, but training runs on {self.device}: set the source's decode to auto or cpu")
         self.shard = shard
         self.generator = torch.Generator().manual_seed(seed)
+        cuda = self.device.type == "cuda"
+        gpu_decode = cuda and decode in ("auto", "cuda") and reader.enc.kind == "jpeg"
+        self.stage = ("bytes" if gpu_decode else "decoded") if cuda else "augmented"
+        self._plan = _Plan()
+        self._loader = None  # the DataLoader, made at the first epoch
+        self._decode_stream = None  # where the GPU decode's outputs are allocated (see _decode_on_gpu)
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -177,27 +213,67 @@ class StreamLoader:
         return self.batches()
 
     def batches(self, start: int = 0):
-        """The epoch's batches from batch `start` on (loader.DeviceLoader.batches: the same contract)."""
+        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
+        whole epoch leaves it), the first `start` batches are neither read nor yielded (a checkpoint inside an epoch
+        resumes so)."""
         order, box, flips = self.plan()
         n = len(order)
         parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
-        plan = [(self.rows[order[p]], box[p], None if flips is None else flips[p]) for p in parts]
-        cuda = self.device.type == "cuda"
-        gpu_decode = cuda and self.decode_on in ("auto", "cuda") and self.reader.enc.kind == "jpeg"
-        stage = ("bytes" if gpu_decode else "decoded") if cuda else "augmented"
-        data = _Batches(self.reader.folder, self.reader.split, self.reader.meta, plan, stage, self.size)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, len(plan)),
-                                             num_workers=self.workers,
-                                             pin_memory=cuda, prefetch_factor=4 if self.workers else None)
-        for x, k in loader:
-            if stage == "bytes":
-                from torchvision.io import decode_jpeg
+        augmented = self.stage == "augmented"
+        self._plan.items = [(k, self.rows[order[p]].numpy(), box[p].numpy() if augmented else None,
+                             flips[p].numpy() if augmented and flips is not None else None)
+                            for k, p in enumerate(parts) if k >= start]
+        for data, offsets, k in self._dataloader():
+            p = parts[k]
+            if self.stage == "bytes":
+                x = self._decode_on_gpu(data, offsets)
+            elif self.stage == "decoded":
+                data = data.to(self.device, non_blocking=True)
+                hw = self.reader.hw[self.rows[order[p]]].tolist()
+                x = [data[a:b].view(h, w, 3).permute(2, 0, 1) for a, b, (h, w) in zip(offsets, offsets[1:], hw)]
+            else:
+                x = data.to(self.device, non_blocking=True)
+            if augmented:
+                x = x.float().div_(255)
+            else:
+                x = crop_resize(x, box[p], None if flips is None else flips[p], self.size)
+            yield x.contiguous(memory_format=self.memory_format), self.labels[order[p]].to(self.device)
 
-                x = decode_jpeg(x, device=self.device)
-            if stage != "augmented":
-                _, b, f = plan[k]
-                x = crop_resize([t.to(self.device, non_blocking=True) for t in x], b, f, self.size)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[order[parts[k]]].to(self.device)
+    def _dataloader(self):
+        if self._loader is None:
+            cuda = self.device.type == "cuda"
+            self._loader = torch.utils.data.DataLoader(
+                _Batches(self.reader, self.stage, self.size), batch_size=None, sampler=self._plan,
+                num_workers=self.workers, pin_memory=cuda, prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0,
+                # the workers' seeds come from its own generator, not from torch's global one, which the attacks
+                # draw from: a resumed run finds the global generator where the uninterrupted run had it
+                generator=torch.Generator().manual_seed(0))
+        return self._loader
+
+    def _decode_on_gpu(self, data: torch.Tensor, offsets: list[int]) -> list[torch.Tensor]:
+        """uint8 (3, H, W) images (each its stored size) on the device from the batch's stored JPEG bytes (one
+        buffer, image j at offsets[j]:offsets[j + 1]).
+
+        torchvision's CUDA decode_jpeg allocates its outputs on the caller's current stream but writes them from a
+        stream of its own, which waits for nothing queued on the caller's. Allocated on the training stream, an
+        output could be memory the caching allocator has just taken back from a tensor that kernels still queued
+        there read, and the decoder would overwrite it under them. So it runs with a side stream current: its
+        outputs come from the side stream's pool, which holds nothing but decoder outputs, each reused only after
+        the training stream's work on it is done (record_stream). The training stream waits for the side stream,
+        which torchvision has made wait for its decoder."""
+        from torchvision.io import decode_jpeg
+
+        views = [data[a:b] for a, b in zip(offsets, offsets[1:])]
+        current = torch.cuda.current_stream(self.device)
+        if self._decode_stream is None:
+            self._decode_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._decode_stream):
+            images = decode_jpeg(views, device=self.device)
+        current.wait_stream(self._decode_stream)
+        for image in images:
+            image.record_stream(current)
+        return images
 
     def global_batch(self, i: int) -> int:
         return min(self.batch_size, len(self.rows) - i * self.batch_size)
@@ -232,6 +308,6 @@ class ShardedData:
 
     def loader(self, batch_size: int, device, augment: dict, seed: int, channels_last: bool, shard=None):
         if World().main:  # every shard's size and sha256, once per run (threads; seconds per 10 GB): one reader
-            self.reader.verify()  # is enough, and a failure there stops every rank
+            self.reader.verify(min(8, usable_cpus()))  # is enough, and a failure there stops every rank
         return StreamLoader(self.reader, self.rows, batch_size, device, self.size, augment, seed, channels_last,
                             self.workers, self.decode, shard)

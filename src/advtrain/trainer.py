@@ -103,18 +103,22 @@ class Trainer:
         if self.tr["train_subset"]:
             data = data.head(self.tr["train_subset"])
         # Images kept out of training, from the end of the training set: a method's own per-epoch check (FGSM's
-        # overfitting guard) and the validation split that model selection uses. Never the test split.
-        held = {"holdout": self.method.holdout, "val": self.tr["val_points"]}
+        # overfitting guard) and the validation split that model selection uses. Never the test split. Kept as
+        # uint8 on the device, made float a batch at a time (attacks.as_float). Only the main rank validates, so
+        # only it reads the validation images; every rank reads the method's own (its check decides on every rank).
+        wanted = max(self.method.holdout, self.tr["val_points"])
+        held = {"holdout": self.method.holdout, "val": self.tr["val_points"] if self.world.main else 0}
         self.holdout = self.val = None
-        n_held = min(max(held.values()), len(data))
-        if n_held:
-            images, labels = data.tensors(len(data) - n_held, len(data))
+        n_held, n_read = min(wanted, len(data)), min(max(held.values()), len(data))
+        if n_read:
+            images, labels = data.tensors(len(data) - n_read, len(data))
             for key, n in held.items():
                 if n:
-                    setattr(self, key, (images[-n:].to(self.device).float().div(255), labels[-n:].to(self.device)))
+                    setattr(self, key, (images[-n:].to(self.device), labels[-n:].to(self.device)))
+        if n_held:
             data = data.head(len(data) - n_held)
         if len(data) == 0:  # params.yaml refuses this for sources of known size; here for the others
-            raise UserError(f"{cfg.name}: no training image left after the {max(held.values())} held out (methods."
+            raise UserError(f"{cfg.name}: no training image left after the {wanted} held out (methods."
                             f"{cfg.method}.{self.method.held_out_key}, training.val_points): keep more training images")
         last = len(data) % self.tr["batch_size"]
         if self.world.on and 0 < last < self.world.size:
@@ -402,7 +406,7 @@ class Trainer:
         model = self.published()
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 100_003 + epoch)
         robust, _ = worst_case(model, x, y, self.cfg.eps, self.cfg.eps / 4, self.tr["val_pgd_steps"],
-                               autocast=self.autocast, norm=self.cfg.threat_model, generator=g)
+                               autocast=self.autocast, norm=self.cfg.threat_model, generator=g, adversarial=False)
         clean = predict(model, x, autocast=self.autocast) == y
         model.train()
         self.model.train()

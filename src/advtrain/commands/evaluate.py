@@ -46,7 +46,7 @@ def _run(cfg, method: str, dataset: str) -> dict:
     images, labels, data_meta = load_split(prepared_dir(dataset), "test", cfg.evaluation["n_points"])
     ev = cfg.evaluation
     n, n_test = len(labels), data_meta["n_test"]
-    x, y = images.float().div(255), labels
+    x, y = images, labels  # uint8: evaluate makes each batch float
     device = pick_device(ev["device"])
     key = fingerprint(mpath, cfg.eps, ev, cfg.seed, n, cfg.threat_model)
     rpath, done = seed_result_path(method, dataset, cfg.seed), eval_done_path(cfg.name, key)
@@ -100,7 +100,7 @@ def run_external(params: Params, dataset: str, file: str, arch: str, normalize: 
     log(f"[evaluate] {name} ({arch}, {file}) on {dataset}: {n} test points, {cfg.threat_model} eps {cfg.eps:.4g}, "
         f"AutoAttack {ev['autoattack']}, on {device}")
     t0 = time.perf_counter()
-    res = evaluate(model, images.float().div(255), labels, cfg.eps, ev, cfg.seed, device, log,
+    res = evaluate(model, images, labels, cfg.eps, ev, cfg.seed, device, log,
                    norm=cfg.threat_model)
     record = {
         "method": name, "dataset": dataset, "seed": cfg.seed, "model": arch, "threat_model": cfg.threat_model,

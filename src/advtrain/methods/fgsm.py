@@ -42,7 +42,8 @@ class FGSM(Method):
         """PGD accuracy on the held-out images, averaged over the ranks under torchrun: their BatchNorm statistics
         differ (each normalises its own shard), and the guard's decision must be the same on every rank."""
         x, y = trainer.holdout
-        robust, _ = worst_case(trainer.model, x, y, self.eps, self.eps / 4, self.p["check_steps"], autocast=trainer.autocast)
+        robust, _ = worst_case(trainer.model, x, y, self.eps, self.eps / 4, self.p["check_steps"],
+                               autocast=trainer.autocast, adversarial=False)
         trainer.model.train()
         correct = trainer.world.sum(robust.sum().to(torch.float64))
         return correct.item() / (len(y) * trainer.world.size)

@@ -9,13 +9,15 @@ sorted sub-folders of the train folder). Settings (datasets.<name>.source):
   encoding      jpeg (quality `quality`) | raw (uint8 pixels: no decode, 3 S^2 bytes per image)
   shard_images  images per shard file
   test_list     a text file of test images relative to the test folder (e.g. RobustBench's 5,000 ImageNet ids)
-  workers       DataLoader workers per rank that read and decode (default: the cores per rank, at most 8)
+  workers       DataLoader workers per rank that read and decode (default: the CPUs this job may use per rank,
+                at most 8)
   decode        auto (on the GPU when training on CUDA) | cpu | cuda"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from ..cpus import usable_cpus
 from ..errors import UserError
 from ..schema import ConfigError, choice, integer, optional, text
 from ..shards import Encoding
@@ -67,12 +69,12 @@ class ImageFolder(Source):
         return {**super().info(), "stream": {"workers": self.workers(), "decode": self.settings["decode"]}}
 
     def workers(self) -> int:
-        """The setting, else this machine's cores shared among the ranks on it (torchrun's LOCAL_WORLD_SIZE), at
-        most 8 per rank."""
+        """The setting, else the CPUs this process may use (cpus.usable_cpus) shared among the ranks on this machine
+        (torchrun's LOCAL_WORLD_SIZE), at most 8 per rank."""
         if self.settings["workers"] is not None:
             return self.settings["workers"]
         ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return max(1, min(8, (os.cpu_count() or 1) // ranks))
+        return max(1, min(8, usable_cpus() // ranks))
 
     def encoding(self) -> Encoding:
         return Encoding(self.store_size, self.settings["encoding"], self.settings["quality"])
