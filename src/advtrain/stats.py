@@ -101,7 +101,8 @@ def sign_flip_test(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]]) -> 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (Holm 1979), in the order given: the i-th smallest p is multiplied by
-    m - i + 1 (i from 1), kept at least as large as the one before it, and capped at 1. Reject where adjusted < alpha."""
+    m - i + 1 (i from 1), kept at least as large as the one before it, and capped at 1. Reject where adjusted <
+    alpha."""
     m = len(pvalues)
     order = sorted(range(m), key=lambda i: pvalues[i])
     out = [0.0] * m
