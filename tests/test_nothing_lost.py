@@ -169,12 +169,12 @@ def test_dvc_experiments_show_and_diff_the_robust_accuracy(finished):
     for rev in shown:
         for exp_ in [rev, *(e for exps in (rev.get("experiments") or []) for e in exps.get("revs", []))]:
             data = (exp_.get("data") or {})
-            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {}).get("pgd", {})
             if "robust" in metrics:
                 robust[exp_.get("name") or exp_["rev"]] = metrics["robust"]
     assert len(robust) >= 2, robust  # the committed run and the experiment, each with its robust accuracy
     diff = json.loads(tool(finished, "dvc", "metrics", "diff", "--all", "--json", "HEAD").stdout)  # workspace against HEAD
-    assert "robust" in diff["metrics/pgd_fashionmnist.json"], diff
+    assert "pgd.robust" in diff["metrics/pgd_fashionmnist.json"], diff
     run(["git", "checkout", "HEAD", "--", "."], finished)  # back to the finished run for the tests that follow
     run([str(BIN / "dvc"), "checkout", "-q"], finished)
 
@@ -202,7 +202,7 @@ def test_queued_experiments_run_in_temporary_copies_and_log_to_the_projects_mlfl
     for rev in shown:
         for exp_ in (e for exps in (rev.get("experiments") or []) for e in exps.get("revs", [])):
             data = exp_.get("data") or {}
-            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {}).get("pgd", {})
             steps = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("methods", {}).get(
                 "pgd", {}).get("fashionmnist", {}).get("steps")
             if exp_.get("name") in names.values() and "robust" in metrics:

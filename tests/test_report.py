@@ -129,10 +129,10 @@ def test_the_headline_dvc_shows_is_small_and_accuracies_come_first():
     records = [record("pgd", s, "standard", 0.75) for s in (0, 1)]
     records[1]["selection"] = {"epoch": 4, "select": "best"}
     summary = summarise([0, 1], records)
-    shown = headline(summary)
-    assert list(shown) == ["clean", "pgd", "cw", "autoattack", "robust", "robust_lo", "robust_hi", "passes", "epoch"]
+    shown = headline(summary)["pgd"]
+    assert list(shown) == ["clean", "PGD", "CW", "AutoAttack", "robust", "robust_lo", "robust_hi", "passes", "epoch"]
     s = summary["seeds"]["summary"]["robust_acc"]
     assert shown["robust"] == round(s["mean"], 4) and [shown["robust_lo"], shown["robust_hi"]] == \
         [round(v, 4) for v in s["ci95"]]
     assert shown["epoch"] == [3, 4] and shown["passes"] == 5531.0
-    assert headline(summarise([0], records[:1]))["epoch"] == 3
+    assert headline(summarise([0], records[:1]))["pgd"]["epoch"] == 3

@@ -48,14 +48,21 @@ def summarise(seeds: list[int], records: list[dict], files: list[str] | None = N
                                     **runs, "files": files or []}}
 
 
-HEADLINE = [("clean_acc", "clean"), ("pgd_acc", "pgd"), ("cw_acc", "cw"), ("autoattack_acc", "autoattack"),
+HEADLINE = [("clean_acc", "clean"), ("pgd_acc", "PGD"), ("cw_acc", "CW"), ("autoattack_acc", "AutoAttack"),
             ("robust_acc", "robust")]
 
 
 def headline(record: dict) -> dict:
     """What `dvc exp show` lists for a (method, dataset), accuracies first: the means over seeds of the clean, PGD,
     CW, AutoAttack and robust (each point's worst case) accuracies, the robust accuracy's 95% interval, the training
-    passes (mean over seeds) and the epoch each seed's model file holds (one number when they agree)."""
+    passes (mean over seeds) and the epoch each seed's model file holds (one number when they agree).
+
+    Under the method's name: DVC names a column by its key alone when no other metrics file has that key (else it
+    prefixes the file's path), so `pgd.robust` stays a short column beside `fgsm.robust`."""
+    return {record["method"]: _headline(record)}
+
+
+def _headline(record: dict) -> dict:
     s = record["seeds"]
     out = {name: round(s["summary"][key]["mean"], 4) for key, name in HEADLINE if key in s["summary"]}
     out["robust_lo"], out["robust_hi"] = (round(v, 4) for v in s["summary"]["robust_acc"]["ci95"])
