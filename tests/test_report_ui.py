@@ -79,7 +79,7 @@ def test_report_renders_in_chromium_with_its_table_and_every_plot(snakemake_proj
                 loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth,
                 shown: img.getBoundingClientRect().width};
       });
-      const rows = [...document.querySelectorAll('table tbody tr')].map(r => r.cells[0].textContent);
+      const rows = [...document.querySelectorAll('table tbody tr')].map(r => r.cells[0].querySelector('b').textContent);
       const header = [...document.querySelectorAll('table thead th')].map(h => h.textContent);
       return {title: document.title, figs, rows, header,
               checks: document.querySelector('.ok, .bad').textContent, height: document.body.scrollHeight};"""

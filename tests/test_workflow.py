@@ -41,7 +41,7 @@ def test_snakemake_end_to_end(snakemake_project):
     # 6000 images, the last 300 held out for validation: 57 batches of 100, PGD-3 costs 3 + 1 passes each
     assert e["attack_steps"] == 3 and e["passes"] == 57 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
-    assert "<table>" in html and "CHECK FAILED" not in html
+    assert "<table class=results>" in html and "CHECK FAILED" not in html
     for fig in ("curves", "dynat_labels", "autoattack_stages", "examples", "time"):
         assert f'id="fig-fashionmnist_{fig}"' in html, fig
     assert html.count("data:image/png;base64,") == 5
@@ -189,12 +189,16 @@ def test_dvc_exp_show_and_plots_diff_show_what_a_researcher_compares(reproduced,
         drawn = http("POST", f"{browser}/execute/sync", {"script": """
             const divs = [...document.querySelectorAll('body > div[id]')];
             return {divs: divs.length, drawn: divs.filter(d => d.querySelector('canvas, svg')).length,
-                    height: document.body.scrollHeight}""", "args": []})["value"]
+                    height: document.documentElement.scrollHeight}""", "args": []})["value"]
         if drawn["divs"] and drawn["drawn"] == drawn["divs"]:
             break
         time.sleep(0.5)
     assert drawn["divs"] == 2 and drawn["drawn"] == 2, drawn  # PGD-AT's and DYNAT's runs
-    http("POST", f"{browser}/window/rect", {"width": 1000, "height": min(int(drawn["height"]) + 60, 8000)})
+    time.sleep(1)  # the charts' own layout, after their canvases are in
+    height = http("POST", f"{browser}/execute/sync", {"script": "return document.documentElement.scrollHeight",
+                                                      "args": []})["value"]
+    assert height > 600, height  # two runs' charts, six panels each
+    http("POST", f"{browser}/window/rect", {"width": 1000, "height": min(int(height) + 200, 8000)})
     png = base64.b64decode(http("GET", f"{browser}/screenshot")["value"])
     assert len(png) > 30_000
     (ARTIFACTS / "dvc_plots_diff.png").write_bytes(png)
