@@ -73,6 +73,7 @@ def make_project(path: Path, overrides: dict | None = None) -> Path:
     run(["git", "init", "-q"], path)
     run(["dvc", "init", "-q"], path)
     shutil.copy(ROOT / ".dvc/config", path / ".dvc/config")  # the project's own: its default remote `local`
+    shutil.copytree(ROOT / ".dvc/plots", path / ".dvc/plots", dirs_exist_ok=True)  # dvc.yaml's plot template
     run(["dvc", "config", "core.analytics", "false"], path)
     return path
 

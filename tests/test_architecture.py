@@ -115,9 +115,12 @@ def test_the_word_of_a_teacher_method_lives_only_in_its_file():
 
 def test_snakefile_and_dvc_yaml_spell_the_paths_of_paths_py(tmp_path):
     """dvc.yaml is static YAML: each of its paths must be a paths.py pattern with DVC's ${item...} in the fields."""
-    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    dvc = declared["stages"]
+    # the per-epoch curves DVC plots: the folder of every run's training metrics
+    assert [next(iter(p)) for p in declared["plots"]] == [str(Path(paths.TRAIN_METRICS).parent)]
     patterns = {paths.MODEL, paths.TEACHER, paths.TRAIN_METRICS, paths.TEACHER_METRICS, paths.SEED_RESULT, paths.RESULT,
-                paths.PREPARED, paths.LOG}
+                paths.METRICS, paths.PREPARED, paths.LOG}
     as_dvc = lambda s: re.sub(r"\$\{item(?:\.(\w+))?\}", lambda m: "{" + (m.group(1) or "dataset") + "}", s)  # noqa
 
     seen = set()
@@ -138,7 +141,7 @@ def test_snakefile_and_dvc_yaml_spell_the_paths_of_paths_py(tmp_path):
     out = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--printshellcmds"], proj).stdout
     for path in (paths.model_path("pgd", "fashionmnist", 1), paths.teacher_path("dynat", "fashionmnist", 0),
                  paths.seed_result_path("dynat", "fashionmnist", 1), paths.result_path("dynat", "fashionmnist"),
-                 paths.log_path("train", "pgd_fashionmnist_seed0")):
+                 paths.metrics_path("pgd", "fashionmnist"), paths.log_path("train", "pgd_fashionmnist_seed0")):
         assert str(path) in out, path
 
 

@@ -169,12 +169,12 @@ def test_dvc_experiments_show_and_diff_the_robust_accuracy(finished):
     for rev in shown:
         for exp_ in [rev, *(e for exps in (rev.get("experiments") or []) for e in exps.get("revs", []))]:
             data = (exp_.get("data") or {})
-            metrics = data.get("metrics", {}).get("results/pgd_fashionmnist.json", {}).get("data", {})
-            if "robust_acc" in metrics:
-                robust[exp_.get("name") or exp_["rev"]] = metrics["robust_acc"]
+            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {}).get("pgd", {})
+            if "robust" in metrics:
+                robust[exp_.get("name") or exp_["rev"]] = metrics["robust"]
     assert len(robust) >= 2, robust  # the committed run and the experiment, each with its robust accuracy
     diff = json.loads(tool(finished, "dvc", "metrics", "diff", "--all", "--json", "HEAD").stdout)  # workspace against HEAD
-    assert "robust_acc" in diff["results/pgd_fashionmnist.json"], diff
+    assert "pgd.robust" in diff["metrics/pgd_fashionmnist.json"], diff
     run(["git", "checkout", "HEAD", "--", "."], finished)  # back to the finished run for the tests that follow
     run([str(BIN / "dvc"), "checkout", "-q"], finished)
 
@@ -202,18 +202,19 @@ def test_queued_experiments_run_in_temporary_copies_and_log_to_the_projects_mlfl
     for rev in shown:
         for exp_ in (e for exps in (rev.get("experiments") or []) for e in exps.get("revs", [])):
             data = exp_.get("data") or {}
-            metrics = data.get("metrics", {}).get("results/pgd_fashionmnist.json", {}).get("data", {})
+            metrics = data.get("metrics", {}).get("metrics/pgd_fashionmnist.json", {}).get("data", {}).get("pgd", {})
             steps = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("methods", {}).get(
                 "pgd", {}).get("fashionmnist", {}).get("steps")
-            if exp_.get("name") in names.values() and "robust_acc" in metrics:
-                robust[steps] = metrics["robust_acc"]
+            if exp_.get("name") in names.values() and "robust" in metrics:
+                robust[steps] = metrics["robust"]
     assert set(robust) == {3, 4}, shown
     client = MlflowClient(f"sqlite:///{finished / 'mlruns.db'}")  # the workspace's store, not the copies'
     exp_id = client.get_experiment_by_name("advtrain").experiment_id
     for steps, acc in robust.items():
         runs = client.search_runs([exp_id], filter_string=f"tags.run = 'pgd_fashionmnist_seed0' and "
                                                           f"params.`method.steps` = '{steps}'")
-        assert len(runs) == 1 and runs[0].data.metrics["eval_robust_acc"] == acc, (steps, runs)
+        # the metrics file rounds to 4 decimals; MLflow has the record's value
+        assert len(runs) == 1 and round(runs[0].data.metrics["eval_robust_acc"], 4) == acc, (steps, runs)
         assert any(k.startswith("system/") for k in runs[0].data.metrics)
     assert not list((finished / ".dvc/tmp/exps").glob("*/mlruns*"))  # nothing was logged into a copy
     plots = json.loads(tool(finished, "dvc", "plots", "diff", names[3], names[4], "--json").stdout)["data"]

@@ -79,7 +79,7 @@ def test_report_renders_in_chromium_with_its_table_and_every_plot(snakemake_proj
                 loaded: img.complete && img.naturalWidth > 0, width: img.naturalWidth,
                 shown: img.getBoundingClientRect().width};
       });
-      const rows = [...document.querySelectorAll('table tbody tr')].map(r => r.cells[0].textContent);
+      const rows = [...document.querySelectorAll('table tbody tr')].map(r => r.cells[0].querySelector('b').textContent);
       const header = [...document.querySelectorAll('table thead th')].map(h => h.textContent);
       return {title: document.title, figs, rows, header,
               checks: document.querySelector('.ok, .bad').textContent, height: document.body.scrollHeight};"""
@@ -92,12 +92,52 @@ def test_report_renders_in_chromium_with_its_table_and_every_plot(snakemake_proj
     for f in seen["figs"]:  # every plot decoded by the browser and laid out at a visible size
         assert f["loaded"] and f["width"] > 200 and f["shown"] > 200, f
     assert seen["checks"].startswith("Checks:"), seen["checks"]
+    assert_table_fits(browser, 1400)
     # the whole page as the browser drew it, kept for a person to look at
     http("POST", f"{browser}/window/rect", {"width": 1280, "height": min(int(seen["height"]) + 50, 16000)})
     png = base64.b64decode(http("GET", f"{browser}/screenshot")["value"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "report_chromium.png").write_bytes(png)
+
+
+def assert_table_fits(browser: str, width: int) -> dict:
+    """At a window `width` px wide, the comparison table fits: no horizontal scrolling, its right edge inside the
+    window, no cell's content cut off, and each cell's lines unbroken (an interval on one line)."""
+    http("POST", f"{browser}/window/rect", {"width": width, "height": 1000})
+    seen = http("POST", f"{browser}/execute/sync", {"script": """
+        const table = document.querySelector('table.results');
+        const cells = [...table.querySelectorAll('th, td')];
+        const lines = el => { const r = document.createRange(); r.selectNodeContents(el);
+                              return new Set([...r.getClientRects()].map(b => Math.round(b.top))).size; };
+        return {inner: window.innerWidth, page: document.documentElement.scrollWidth, table: table.scrollWidth,
+                right: table.getBoundingClientRect().right, columns: table.rows[0].cells.length,
+                cut: cells.filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.textContent),
+                broken: [...table.querySelectorAll('td')].flatMap(td => [...td.childNodes]).filter(
+                    n => n.textContent.trim() && lines(n) > 1).map(n => n.textContent)};""", "args": []})["value"]
+    assert seen["inner"] <= width, seen
+    assert seen["page"] <= seen["inner"] and seen["right"] <= seen["inner"], seen  # no column off the window
+    assert seen["table"] <= seen["right"], seen
+    assert seen["cut"] == [] and seen["broken"] == [], seen
+    return seen
+
+
+def test_the_report_table_fits_a_1400_px_window_at_its_widest(browser, tmp_path, monkeypatch):
+    """The widest table the report makes: eight methods, AutoAttack's standard version for two of them (so the
+    column of robust accuracy on the shared attacks is there), five seeds (± std in every cell), 10,000 test points.
+    Its screenshot at 1,400 px is kept as test-artifacts/report_table_1400.png."""
+    from advtrain.report import build_report
+    from test_report import write_results
+
+    monkeypatch.chdir(tmp_path)
+    runs = write_results(tmp_path, seeds=(0, 1, 2, 3, 4), n=10_000)
+    page, _ = build_report(runs, tmp_path / "reports")
+    http("POST", f"{browser}/url", {"url": page.resolve().as_uri()})
+    seen = assert_table_fits(browser, 1400)
+    assert seen["columns"] == 11, seen  # method, 4 accuracies, AutoAttack, robust (min), shared, passes, s, epoch
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "report_table_1400.png").write_bytes(base64.b64decode(http("GET", f"{browser}/screenshot")["value"]))
+    print(f"\nthe report's table at 1,400 px: {ARTIFACTS / 'report_table_1400.png'}")
 
 
 def test_mlflow_server_serves_the_runs_metrics_over_rest(snakemake_project):

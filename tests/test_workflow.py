@@ -1,8 +1,10 @@
 """The real workflow tools on the tiny configuration: Snakemake end to end, DVC's selective rerun, the two front ends
 in step, MLflow holding what was logged, and the CIFAR-10 job graph planned."""
+import base64
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from dvc.repo import Repo
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, make_project, run
+from test_report_ui import ARTIFACTS, browser, http  # noqa: F401  (browser: the headless Chromium fixture)
 
 
 def test_snakemake_end_to_end(snakemake_project):
@@ -38,7 +41,7 @@ def test_snakemake_end_to_end(snakemake_project):
     # 6000 images, the last 300 held out for validation: 57 batches of 100, PGD-3 costs 3 + 1 passes each
     assert e["attack_steps"] == 3 and e["passes"] == 57 * (3 + 1) and e["grad_l1"] > 0 and e["adv_acc"] is not None
     html = (proj / "reports/report.html").read_text()
-    assert "<table>" in html and "CHECK FAILED" not in html
+    assert "<table class=results>" in html and "CHECK FAILED" not in html
     for fig in ("curves", "dynat_labels", "autoattack_stages", "examples", "time"):
         assert f'id="fig-fashionmnist_{fig}"' in html, fig
     assert html.count("data:image/png;base64,") == 5
@@ -67,7 +70,8 @@ def test_two_seeds_give_means_stds_and_intervals(snakemake_project):
     md = (proj / "reports/report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| pgd | small_cnn | 100 | 2 |"))
     assert re.search(r"\d+\.\d\d ± \d+\.\d\d \[\d+\.\d, \d+\.\d\]", row), row
-    assert "not significant at the 5% level (McNemar" in md
+    # the methods compared by the sign-flip test over the test points, Holm-corrected over the 3 pairs
+    assert "(paired permutation) test over the 100 test points" in md and "Holm-corrected over the 3 pairs" in md
 
 
 def test_mlflow_holds_the_logged_metrics(snakemake_project):
@@ -126,6 +130,80 @@ def test_dvc_repro_reruns_only_what_changed(reproduced, tmp_path):
     assert (proj / "models/pgd_fashionmnist_seed0.pt").read_bytes() != model_before
     third = run([str(BIN / "dvc"), "repro"], proj).stdout
     assert "Running stage" not in third  # nothing changed, nothing reruns
+
+
+CURVES = ["loss", "adv_acc", "clean_acc", "val_clean_acc", "val_pgd_acc", "grad_l1"]
+TERMINAL = 200  # columns
+
+
+def test_dvc_exp_show_and_plots_diff_show_what_a_researcher_compares(reproduced, tmp_path, browser):  # noqa: F811
+    """After an experiment (PGD-AT with one attack step instead of three): `dvc exp show` lists each (method,
+    dataset)'s small metrics file, accuracies first, and with --only-changed (its stage hashes dropped) fits a
+    200-column terminal; `dvc plots diff` draws each run's per-epoch curves of both revisions, one panel per quantity
+    with its own y axis, which headless Chromium renders offline with the Vega that Snakemake ships (DVC's page
+    loads it from a CDN; its --html-template takes our own page instead). The outputs are kept under
+    test-artifacts/: dvc_exp_show.txt, dvc_plots_diff.png."""
+    proj = shutil.copytree(reproduced, tmp_path / "shown")
+    run(["git", "add", "-A"], proj)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the finished runs"], proj)
+    dvc = str(BIN / "dvc")
+    p = run([dvc, "exp", "run", "-S", "methods.pgd.fashionmnist.steps=1"], proj)
+    out = p.stdout + p.stderr
+    name = re.search(r"Ran experiment\(s\): ([\w-]+)", out).group(1)
+    header = run([dvc, "exp", "show", "--csv", "--no-pager"], proj).stdout.splitlines()[0].split(",")
+    metrics = [h for h in header if h.startswith(("pgd.", "dynat."))]
+    assert metrics[:9] == [f"pgd.{k}" for k in ("clean", "PGD", "CW", "AutoAttack", "robust", "robust_lo",
+                                                  "robust_hi", "passes", "epoch")], header
+    assert header.index(metrics[-1]) < min(header.index(h) for h in header if h.startswith("methods.")), header
+    shown = run([dvc, "exp", "show", "--no-pager", "--only-changed", "--drop", "^(models/|results|metrics/train)"],
+                proj, extra_env={"COLUMNS": str(TERMINAL)}).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= TERMINAL and "…" not in shown, shown  # every column whole
+    assert re.search(r"pgd\.clean +pgd\.PGD +pgd\.CW +pgd\.AutoAttack +pgd\.robust +pgd\.robust_lo", shown), shown
+    assert "methods.pgd.fashionmnist.steps" in shown and name in shown
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "dvc_exp_show.txt").write_text(
+        f"$ dvc exp show --csv  ({len(header)} columns; the metrics first: {', '.join(metrics)})\n\n"
+        f"$ COLUMNS={TERMINAL} dvc exp show --only-changed --drop '^(models/|results|metrics/train)'\n{shown}")
+    # the curves of the committed runs and of the experiment, each quantity its own panel
+    plots = json.loads(run([dvc, "plots", "diff", "HEAD", name, "--json"], proj).stdout)["data"]
+    pgd = plots["metrics/train/pgd_fashionmnist_seed0.json"][0]["content"]
+    assert pgd["facet"]["field"] == "field" and pgd["resolve"]["scale"]["y"] == "independent"
+    values = pgd["data"]["values"]
+    assert {v["field"] for v in values} == set(CURVES) and {v["rev"] for v in values} == {"HEAD", name}
+    assert {(v["rev"], v["epoch"]) for v in values} == {(rev, e) for rev in ("HEAD", name) for e in (1, 2)}
+    assert not any("teachers" in k for k in plots)  # a teacher's one-epoch curve is not plotted
+    assets = Path(__import__("snakemake").__file__).parent / "assets" / "data"
+    page = tmp_path / "offline.html"
+    page.write_text("<!DOCTYPE html><html><head><meta charset=utf-8><title>dvc plots diff</title>"
+                    + "".join(f'<script src="{(assets / lib / (lib + ".js")).as_uri()}"></script>'
+                              for lib in ("vega", "vega-lite", "vega-embed"))
+                    + "</head><body>{plot_divs}</body></html>")
+    run([dvc, "plots", "diff", "HEAD", name, "--html-template", str(page), "-o", str(tmp_path / "plots")], proj)
+    index = tmp_path / "plots/index.html"
+    assert "cdn.jsdelivr" not in index.read_text()
+    http("POST", f"{browser}/window/rect", {"width": 1000, "height": 1000})
+    http("POST", f"{browser}/url", {"url": index.as_uri()})
+    deadline, drawn = time.time() + 60, {}
+    while time.time() < deadline:  # vega-embed draws each chart once its spec is compiled
+        drawn = http("POST", f"{browser}/execute/sync", {"script": """
+            const divs = [...document.querySelectorAll('body > div[id]')];
+            return {divs: divs.length, drawn: divs.filter(d => d.querySelector('canvas, svg')).length,
+                    height: document.documentElement.scrollHeight}""", "args": []})["value"]
+        if drawn["divs"] and drawn["drawn"] == drawn["divs"]:
+            break
+        time.sleep(0.5)
+    assert drawn["divs"] == 2 and drawn["drawn"] == 2, drawn  # PGD-AT's and DYNAT's runs
+    time.sleep(1)  # the charts' own layout, after their canvases are in
+    height = http("POST", f"{browser}/execute/sync", {"script": "return document.documentElement.scrollHeight",
+                                                      "args": []})["value"]
+    assert height > 600, height  # two runs' charts, six panels each
+    http("POST", f"{browser}/window/rect", {"width": 1000, "height": min(int(height) + 200, 8000)})
+    png = base64.b64decode(http("GET", f"{browser}/screenshot")["value"])
+    assert len(png) > 30_000
+    (ARTIFACTS / "dvc_plots_diff.png").write_bytes(png)
+    print(f"\n`dvc exp show` and `dvc plots diff` as shown: {ARTIFACTS / 'dvc_exp_show.txt'}, "
+          f"{ARTIFACTS / 'dvc_plots_diff.png'}")
 
 
 def push_then_pull_from_the_remote(proj, remote):

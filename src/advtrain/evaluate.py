@@ -225,6 +225,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             faults.fires("evaluate.batch")
         state["done"].append(stage.name)
         state["after"][stage.name] = acc(mask)
+        if stage.family == "aa":  # who is still robust after each attack of the cascade: the attacks two runs share
+            state.setdefault("aa_masks", {})[stage.name] = mask.cpu().clone()
         state["current"] = None
         if aa is not None:
             state["warnings"] = sorted(set(state["warnings"]) | set(aa.collect.warnings))
@@ -251,8 +253,12 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             "seconds_per_attack": {a: state["seconds"].get(a, 0.0) for a in attacks},
             "robust_acc": acc(masks["aa"]), "warnings": state["warnings"]}
     out["robust_acc"] = acc(robust)  # per-point minimum over every attack run
-    # each point's outcome, 8 a byte: what a paired comparison of two models on the same points needs (McNemar)
-    out["points"] = {"clean": pack_bits(clean.tolist()), "robust": pack_bits(robust.tolist())}
+    # each point's outcome, 8 a byte: what a paired comparison of two models on the same points needs. `attacks`:
+    # robust under PGD, under CW, and after each AutoAttack stage (cumulative, as its cascade runs), so that runs
+    # evaluated with different attack sets can be compared on the attacks they all received
+    attacks = {f: pack_bits(masks[f].tolist()) for f in ("pgd", "cw") if f in families}
+    attacks.update({a: pack_bits(m.tolist()) for a, m in state.get("aa_masks", {}).items()})
+    out["points"] = {"clean": pack_bits(clean.tolist()), "robust": pack_bits(robust.tolist()), "attacks": attacks}
     out["seconds"] = {"clean": state["seconds"]["clean"],
                       **{f: sum(state["seconds"].get(s.name, 0.0) for s in stages if s.family == f) for f in families}}
     k = len(state["ex_fooled"])

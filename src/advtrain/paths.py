@@ -18,6 +18,7 @@ TEACHER = "models/teachers/{method}_{dataset}_seed{seed}.pt"
 TEACHER_METRICS = "metrics/teachers/{method}_{dataset}_seed{seed}.json"
 SEED_RESULT = "results/seeds/{method}_{dataset}/seed{seed}.json"  # one run's evaluation, beside its other seeds
 RESULT = "results/{method}_{dataset}.json"  # over the seeds: what a user asks for
+METRICS = "metrics/{method}_{dataset}.json"  # the few numbers of RESULT that DVC shows (`dvc exp show`)
 LOG = "logs/{stage}/{name}.log"
 REPORT_DIR = "reports"
 PARAMS_VALID = "logs/check/params.valid"  # dvc.yaml's check stage: every other stage runs after it
@@ -63,6 +64,10 @@ def seed_result_path(method: str, dataset: str, seed: int) -> Path:
 
 def result_path(method: str, dataset: str) -> Path:
     return Path(RESULT.format(method=method, dataset=dataset))
+
+
+def metrics_path(method: str, dataset: str) -> Path:
+    return Path(METRICS.format(method=method, dataset=dataset))
 
 
 def checkpoint_path(name: str, fingerprint: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .io import write_bytes, write_text
 from .paths import result_path, train_metrics_path
-from .stats import mcnemar_exact, unpack_bits
+from .stats import holm, mean_std, seeds_interval, sign_flip_test, unpack_bits
 
 CURVES = [  # (metric key in the per-epoch record, axis label, scale)
     ("loss", "training loss", "linear"),
@@ -47,13 +47,28 @@ def _load_runs(runs: list[tuple[str, str]], extra: list[Path] = ()) -> list[dict
     return out
 
 
+INTERVAL = ("the 95% interval is, with one seed, Wilson's interval from the test points, and with several, the mean "
+            "± Student's t times the square root of (the variance between test points of each point's outcome "
+            "averaged over the seeds / points + the variance between the seeds' accuracies / seeds), at "
+            "Welch-Satterthwaite's degrees of freedom, so that it covers both the choice of test points and the spread "
+            "between training runs (with one seed it cannot cover the latter)")
+
+
+def _stat(r: dict, key: str) -> dict | None:
+    return r["seeds"]["summary"].get(key) if key != SHARED else r.get("shared")
+
+
 def _cell(r: dict, key: str) -> str:
-    """An accuracy as mean (± std over seeds, when several) [95% interval from the number of test points]."""
-    s = r["seeds"]["summary"].get(key)
+    """An accuracy as mean (± std over seeds, when several) [95% interval]."""
+    s = _stat(r, key)
     if s is None:
         return "–"
+    return f"{_value(s)} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+
+
+def _value(s: dict) -> str:
     spread = f" ± {100 * s['std']:.2f}" if len(s["values"]) > 1 else ""
-    return f"{100 * s['mean']:.2f}{spread} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+    return f"{100 * s['mean']:.2f}{spread}"
 
 
 def _selected(r: dict) -> str:
@@ -61,45 +76,177 @@ def _selected(r: dict) -> str:
     return f"{sel['epoch']} ({sel['select']})" if sel else "–"
 
 
-def _row(r: dict) -> list[str]:
+SHARED = "shared_robust_acc"  # robust accuracy on the attacks every compared run received (set by `compare`)
+
+
+def _row(r: dict, shared: bool) -> list[str]:
     aa = r.get("autoattack", {})
     tr = r.get("train", {})
     passes = tr.get("passes")
     return [r["method"], r["model"], str(r["n_points"]), str(len(r["seeds"]["seeds"])),
             *(_cell(r, key) for key, _ in ACCURACY_COLUMNS), aa.get("version", "off"), _cell(r, "autoattack_acc"),
-            _cell(r, "robust_acc"), f"{tr.get('seconds', float('nan')):.0f}",
-            "–" if passes is None else f"{passes:g}", str(tr.get("epochs", "–")), _selected(r)]
+            _cell(r, "robust_acc"), *([_cell(r, SHARED)] if shared else []),
+            f"{tr.get('seconds', float('nan')):.0f}", "–" if passes is None else f"{passes:g}",
+            str(tr.get("epochs", "–")), _selected(r)]
 
 
-HEADER = ["method", "model", "points", "seeds", *(h for _, h in ACCURACY_COLUMNS), "AutoAttack", "AutoAttack %",
-          "robust (min) %", "train s", "passes", "epochs", "model of epoch"]
-NOTE = ("Accuracies: mean over seeds (± sample std when there are several) and [the 95% Wilson interval of that "
-        "accuracy from the number of test points]. APGD-CE+T: robust accuracy after AutoAttack's first two attacks, "
-        "recorded for every run (the like-for-like column when versions differ); AutoAttack %: after every attack of "
-        "the version named; robust (min): each point's worst case over all attacks run, PGD and CW included; "
-        "passes: forward+backward work in minibatch equivalents; train s: training wall time (first seed); model of "
-        "epoch: the epoch whose weights were evaluated (best: by validation on held-out training images).")
+def _header(shared: bool) -> list[str]:
+    return ["method", "model", "points", "seeds", *(h for _, h in ACCURACY_COLUMNS), "AutoAttack", "AutoAttack %",
+            "robust (min) %", *(["robust, shared attacks %"] if shared else []), "train s", "passes", "epochs",
+            "model of epoch"]
 
 
-def significance(rows: list[dict], alpha: float = 0.05) -> list[tuple[str, str, float, bool]]:
-    """Every pair of methods on a dataset: (a, b, p-value, significant?) of the difference of their final robust
-    accuracies, by McNemar's exact test on the points they disagree on (the same test points for every method),
-    the discordant counts summed over the seeds both have."""
+NOTE = ("Accuracies: mean over seeds (± sample std when there are several) and [95% interval]: " + INTERVAL + ". "
+        "APGD-CE+T: robust accuracy after AutoAttack's first two attacks, recorded for every run (the like-for-like "
+        "column when versions differ); AutoAttack %: after every attack of the version named; robust (min): each "
+        "point's worst case over all attacks run, PGD and CW included; robust, shared attacks (when the runs "
+        "received different attacks): each point's worst case over the attacks every run received; passes: "
+        "forward+backward work in minibatch equivalents; train s: training wall time (first seed); model of epoch: "
+        "the epoch whose weights were evaluated (best: by validation on held-out training images).")
+
+
+def _html_table(rows: list[dict], shared: bool) -> str:
+    """The comparison table as HTML: the same information as the Markdown one in fewer, narrower columns (model,
+    points and seeds under the method; intervals, AutoAttack's version and the epochs trained on a second line)."""
+    e = html.escape
+
+    def acc(r: dict, key: str, note: str = "") -> str:
+        s = _stat(r, key)
+        if s is None:
+            return "<td>–</td>"
+        ci = f"[{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+        return f"<td>{e(_value(s))}<small>{e(ci)}{e(note)}</small></td>"
+
+    head = ["method", *(h for _, h in ACCURACY_COLUMNS), "AutoAttack %", "robust (min) %",
+            *(["robust, shared attacks %"] if shared else []), "passes", "train s", "model of epoch"]
+    out = ["<table class=results><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    for r in rows:
+        tr, aa = r.get("train", {}), r.get("autoattack", {})
+        seeds = len(r["seeds"]["seeds"])
+        passes = tr.get("passes")
+        sel = r.get("selection") or {}
+        out.append(
+            f"<tr><td><b>{e(r['method'])}</b><small>{e(r['model'])} · {r['n_points']} points · {seeds} "
+            f"seed{'s' if seeds > 1 else ''}</small></td>"
+            + "".join(acc(r, key) for key, _ in ACCURACY_COLUMNS)
+            + acc(r, "autoattack_acc", f" {aa['version']}" if aa else "") + acc(r, "robust_acc")
+            + (acc(r, SHARED) if shared else "")
+            + f"<td>{'–' if passes is None else f'{passes:g}'}</td><td>{tr.get('seconds', float('nan')):.0f}</td>"
+            + f"<td>{e(str(sel.get('epoch', '–')))}<small>{e(sel.get('select', ''))}, of "
+              f"{e(str(tr.get('epochs', '–')))} epochs</small></td></tr>")
+    return "".join(out) + "</tbody></table>"
+
+
+def _attacks(r: dict) -> dict[tuple, str]:
+    """The attacks an evaluation ran, in order: {identity (with every setting): name}."""
+    out = {}
+    for family in ("pgd", "cw"):
+        if family in r:
+            f = r[family]
+            restarts = f" x {f['restarts']} restarts" if f["restarts"] > 1 else ""
+            out[(family, f["steps"], f["restarts"], f["alpha"])] = f"{family.upper()}-{f['steps']}{restarts}"
+    for a in r.get("autoattack", {}).get("attacks", []):
+        out[("aa", a)] = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square"}.get(a, a)
+    return out
+
+
+def _shared_outcomes(r: dict, shared: list[tuple]) -> list[list[bool]] | None:
+    """Per seed, each test point's outcome under the attacks `shared` (its worst case over them), or None when the
+    records do not hold the per-attack outcomes that needs."""
+    mine = list(_attacks(r))
     out = []
+    for seed in r["seeds"]["per_seed"].values():
+        points, n = seed.get("points") or {}, seed["n_points"]
+        if set(shared) == set(mine) and points.get("robust"):
+            out.append(unpack_bits(points["robust"], n))
+            continue
+        attacks = points.get("attacks") or {}
+        last_aa = [key[1] for key in shared if key[0] == "aa"][-1:]  # AutoAttack's bits are cumulative
+        parts = [attacks.get(key[0]) for key in shared if key[0] != "aa"] + [attacks.get(a) for a in last_aa]
+        if not shared or any(p is None for p in parts):
+            return None
+        flags = [unpack_bits(p, n) for p in parts]
+        out.append([all(f) for f in zip(*flags)])
+    return out
+
+
+def compare(rows: list[dict]) -> dict:
+    """The comparison of robust accuracy between the methods of one dataset, on the attacks every one of them
+    received (AutoAttack's longest common prefix of attacks, PGD and CW where their settings agree): per method its
+    accuracy there (mean, std, 95% interval; stored in the row as `shared`), and per pair the exact sign-flip test
+    over the test points of each point's outcome averaged over the method's seeds, with Holm's correction over the
+    pairs. When some record lacks the per-attack outcomes, each method's own worst case is compared instead and
+    `same_attacks` says False."""
+    lists = [list(_attacks(r)) for r in rows]
+    shared = [key for key in lists[0] if key[0] != "aa" and all(key in other for other in lists)]
+    cascades = [[k for k in keys if k[0] == "aa"] for keys in lists]
+    for i, key in enumerate(cascades[0]):
+        if any(len(other) <= i or other[i] != key for other in cascades):
+            break
+        shared.append(key)
+    names = _attacks(rows[0])
+    extra = {r["method"]: [name for key, name in _attacks(r).items() if key not in shared] for r in rows}
+    outcomes = {r["method"]: _shared_outcomes(r, shared) for r in rows}
+    same = all(o is not None for o in outcomes.values())
+    if not same:  # the records say only each run's own worst case
+        outcomes = {r["method"]: [unpack_bits(s["points"]["robust"], s["n_points"])
+                                  for s in r["seeds"]["per_seed"].values() if (s.get("points") or {}).get("robust")]
+                    for r in rows}
+    for r in rows:
+        o = outcomes[r["method"]]
+        if o:
+            values = [sum(s) / len(s) for s in o]
+            mean, std = mean_std(values)
+            point_means = [sum(col) / len(col) for col in zip(*o)]
+            r["shared"] = {"mean": mean, "std": std, "values": values,
+                           "ci95": list(seeds_interval(values, len(o[0]), point_means))}
+    pairs = []
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
-            disc_a = disc_b = 0
-            for seed, pa in a["seeds"]["per_seed"].items():
-                pb = b["seeds"]["per_seed"].get(seed)
-                if not pb or not pa.get("points") or not pb.get("points") or pa["n_points"] != pb["n_points"]:
-                    continue
-                ra = unpack_bits(pa["points"]["robust"], pa["n_points"])
-                rb = unpack_bits(pb["points"]["robust"], pb["n_points"])
-                disc_a += sum(x and not y for x, y in zip(ra, rb))
-                disc_b += sum(y and not x for x, y in zip(ra, rb))
-            p = mcnemar_exact(disc_a, disc_b)
-            out.append((a["method"], b["method"], p, p < alpha))
-    return out
+            oa, ob = outcomes[a["method"]], outcomes[b["method"]]
+            if oa and ob and len(oa[0]) == len(ob[0]):
+                pairs.append([a["method"], b["method"], sign_flip_test(oa, ob)])
+    for pair, adjusted in zip(pairs, holm([p for _, _, p in pairs])):
+        pair.append(adjusted)
+    return {"shared": [names.get(k, str(k)) for k in shared], "extra": {m: e for m, e in extra.items() if e},
+            "same_attacks": same, "pairs": [tuple(p) for p in pairs],
+            "ranking": sorted((r for r in rows if r.get("shared")), key=lambda r: -r["shared"]["mean"])}
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def comparison_text(rows: list[dict], result: dict, alpha: float = 0.05) -> str:
+    """The comparison in words: which attacks, which test, the ranking, and which differences hold after Holm."""
+    extra: dict[str, list[str]] = {}  # the same extra attacks, the methods that received them
+    for method, attacks in result["extra"].items():
+        extra.setdefault(", ".join(attacks), []).append(method)
+    if result["same_attacks"]:
+        on = f"on the attacks every method received ({', '.join(result['shared']) or 'none'})"
+        on += "".join(f"; {' and '.join(ms)} also received {a}, which only the robust (min) column includes"
+                      for a, ms in extra.items())
+    else:
+        on = ("on each method's own attacks, which differ (" + "; ".join(f"{' and '.join(ms)}: also {a}"
+                                                                         for a, ms in extra.items())
+              + "): the records lack the per-attack outcomes a comparison on the shared attacks needs "
+              "(re-evaluate them to get it)")
+    n = rows[0]["n_points"]
+    seeds = sorted({len(r["seeds"]["seeds"]) for r in rows})
+    rank = {r["method"]: i for i, r in enumerate(result["ranking"])}
+    ranking = ", ".join(f"{r['method']} {_value(r['shared'])}" for r in result["ranking"])
+    held, not_held = [], []  # each pair in ranking order, the better first
+    ordered = sorted(((*sorted(pair[:2], key=lambda m: rank.get(m, 0)), *pair[2:]) for pair in result["pairs"]),
+                     key=lambda x: (rank.get(x[0], 0), rank.get(x[1], 0)))
+    for a, b, p, q in ordered:
+        (held if q < alpha else not_held).append(f"{a} {'>' if q < alpha else 'and'} {b} (p {_p(p)}, Holm {_p(q)})")
+    return (f"Robust accuracy compared {on}. Ranking (mean over seeds, %): {ranking}. Test: the exact sign-flip "
+            f"(paired permutation) test over the {n} test points of each point's outcome averaged over each "
+            f"method's seeds ({' or '.join(map(str, seeds))} here; with one seed it is McNemar's exact test), "
+            f"Holm-corrected over the {len(result['pairs'])} pairs; it takes the trained models as given, and the "
+            f"spread between training runs is in the intervals. Significant at the {100 * alpha:.0f}% level after "
+            "Holm: " + ("; ".join(held) if held else "none") + ". Not significant: "
+            + ("; ".join(not_held) if not_held else "none") + ".")
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -200,9 +347,9 @@ def _figures(dataset: str, rows: list[dict]):
                png(_example_grid(plt, shown)))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
-    summary = lambda r: r["seeds"]["summary"]  # noqa: E731
-    pts = [(r.get("train", {}).get("seconds", 0),
-            100 * summary(r).get("autoattack_acc", summary(r)["robust_acc"])["mean"]) for r in rows]
+    # robust accuracy on the attacks every method received (compare()), so that the points are comparable
+    robust = lambda r: r.get("shared") or r["seeds"]["summary"]["robust_acc"]  # noqa: E731
+    pts = [(r.get("train", {}).get("seconds", 0), 100 * robust(r)["mean"]) for r in rows]
     front = sorted((pts[i] for i in pareto(pts)))
     if len(front) > 1:
         ax.plot(*zip(*front), ls="--", color="grey", lw=1, label="Pareto front")
@@ -211,7 +358,7 @@ def _figures(dataset: str, rows: list[dict]):
         ax.scatter(t, a, s=40, color=color[r["method"]])
         ax.annotate(r["method"], (t, a), textcoords="offset points", xytext=(5, 4), fontsize=9)
     ax.set_xlabel("training time (s)")
-    ax.set_ylabel("AutoAttack robust accuracy (%)")
+    ax.set_ylabel("robust accuracy, shared attacks (%)")
     ax.set_title(f"{dataset}: robustness against training time")
     ax.grid(alpha=0.3)
     yield f"{dataset}_time", f"{dataset}: robust accuracy against training time", png(fig)
@@ -279,21 +426,18 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path, extra: list[Path] =
         threat = (f"Threat model: {norm}, eps = {eps:.4g} (images in [0, 1]); AutoAttack: {' and '.join(aa_versions)} "
                   f"version; "
                   f"PGD: {rows[0].get('pgd', {}).get('steps', '–')} steps x {rows[0].get('pgd', {}).get('restarts', '–')} restarts")
-        md += [f"## {ds}", "", threat, "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-        md += ["| " + " | ".join(_row(r)) + " |" for r in rows]
+        result = compare(rows)
+        shared = bool(result["extra"]) or not result["same_attacks"]  # a column of its own only when it differs
+        header = _header(shared)
+        md += [f"## {ds}", "", threat, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(_row(r, shared)) + " |" for r in rows]
         md += ["", NOTE]
-        body.append(f"<h2>{html.escape(ds)}</h2><p>{html.escape(threat)}</p><table><thead><tr>"
-                    + "".join(f"<th>{html.escape(h)}</th>" for h in HEADER) + "</tr></thead><tbody>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _row(r)) + "</tr>" for r in rows)
-                    + f"</tbody></table><p class=meta>{html.escape(NOTE)}</p>")
-        pairs = significance(rows)
-        if pairs:
-            same = [f"{a} and {b} (p = {p:.2f})" for a, b, p, sig in pairs if not sig]
-            verdict_rank = ("Differences of robust (min) accuracy not significant at the 5% level (McNemar's exact test "
-                            "on the points two methods disagree on, over their seeds): "
-                            + ("; ".join(same) if same else "none: every pair differs significantly") + ".")
-            md += ["", verdict_rank]
-            body.append(f"<p class=ranking>{html.escape(verdict_rank)}</p>")
+        body.append(f"<h2>{html.escape(ds)}</h2><p>{html.escape(threat)}</p>{_html_table(rows, shared)}"
+                    f"<p class=meta>{html.escape(NOTE)}</p>")
+        if result["pairs"]:
+            said = comparison_text(rows, result)
+            md += ["", said]
+            body.append(f"<p class=ranking>{html.escape(said)}</p>")
         failed = {r["method"]: checks(r) for r in rows if checks(r)}
         verdict = ("Checks: every AutoAttack breakdown is monotone and every final robust accuracy is at most its PGD, "
                    "CW and AutoAttack ones." if not failed else
@@ -326,9 +470,14 @@ def build_report(runs: list[tuple[str, str]], out_dir: Path, extra: list[Path] =
             md += [f"![{title}](figures/{name}.png)", ""]
             body.append(f"<figure id=\"fig-{html.escape(name)}\"><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,"
                         f"{base64.b64encode(data).decode()}\"><figcaption>{html.escape(title)}</figcaption></figure>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;text-align:right}"
-             "th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}"
+    # the table fits a 1,400-px window: every cell on its lines (no wrapping inside a number or an interval), the
+    # interval and the details on a smaller second line
+    style = ("body{font-family:system-ui,sans-serif;max-width:1280px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+             "th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}"
+             "td{white-space:nowrap}th{background:#f3f3f3;font-weight:600}"
+             "td:first-child,th:first-child{text-align:left}"
+             "td small{display:block;color:#666;font-size:85%}img{max-width:100%}"
              "figure{margin:1.5em 0}figcaption{color:#666;font-size:90%}.meta{color:#666}.ok{color:#176317}"
              ".bad{color:#b00;font-weight:bold}")
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>Adversarial training report</title>"

@@ -563,6 +563,8 @@ class Trainer:
             self.stop_reason = self.stop_reason or "another rank stopped training"
         if self.val is not None and self.world.main:  # only the main rank writes the model file it selects
             metrics.update(self.validate(epoch))
+        else:  # every epoch record has the same keys, validated or not: DVC's plots read them by name
+            metrics.update(val_clean_acc=None, val_pgd_acc=None)
         pct = lambda v: "  -  " if v is None else f"{100 * v:5.1f}%"  # noqa: E731
         self.log(f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs}  loss {metrics['loss']:.4f}  "
                  f"clean {pct(metrics['clean_acc'])}  adv {pct(metrics['adv_acc'])}  |grad|_1 {metrics['grad_l1']:.4g}  "

@@ -21,11 +21,13 @@ rule evaluate:
 
 
 rule aggregate:
-    """A (method, dataset) over the seeds of runs.seeds: mean, std and 95% intervals (results/METHOD_DATASET.json)."""
+    """A (method, dataset) over the seeds of runs.seeds: mean, std and 95% intervals (results/METHOD_DATASET.json), and
+    the headline numbers DVC shows (metrics/METHOD_DATASET.json)."""
     input:
         results=lambda wc: [str(paths.seed_result_path(wc.method, wc.dataset, s)) for s in SEEDS],
     output:
         result=pattern(paths.RESULT),
+        metrics=pattern(paths.METRICS),
     log:
         pattern(paths.LOG, stage="aggregate", name="{method}_{dataset}"),
     resources:
