@@ -165,14 +165,15 @@ def test_the_tiny_workflow_runs_on_slurm_and_gives_the_local_result(cluster, sna
 def test_a_train_job_past_its_time_limit_is_resubmitted_and_ends_as_an_uninterrupted_run(cluster, snakemake_project,
                                                                                           tmp_path):
     """SLURM's own time limit: train's runtime is 1 minute and its training takes about three (each minibatch made
-    slow by a sleep, so the CPU stays free). SLURM kills the job at its limit, the SIGTERM makes it checkpoint at
+    slow by a sleep, so the CPU stays free; no early --signal, which a 1-minute job would get at once). SLURM kills the job at its limit, the SIGTERM makes it checkpoint at
     the next minibatch, Snakemake's retries submit it again, and it resumes there; the weights equal the local,
     uninterrupted run's."""
     proj = make_project(tmp_path / "limit")
     target = "models/pgd_fashionmnist_seed0.pt"
     e = {**cluster["env"], "ADVTRAIN_DELAY": "train.batch=1.5"}  # 114 minibatches: ~170 s of training
     p = subprocess.run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", *RESOURCES,
-                        "--set-resources", "train:mem_mb=3000", "train:runtime=1", "--retries", "6", "--jobs", "1",
+                        "--set-resources", "train:mem_mb=3000", "train:runtime=1", "train:slurm_extra=''",
+                        "--retries", "6", "--jobs", "1",
                         target], cwd=proj, env=e, capture_output=True, text=True, timeout=1500)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
@@ -187,9 +188,10 @@ def test_a_train_job_past_its_time_limit_is_resubmitted_and_ends_as_an_uninterru
     assert here.keys() == local.keys() and all(torch.equal(here[k], local[k]) for k in local)
 
 
-def slurm_plan(proj: Path, target: str) -> dict[str, dict]:
+def slurm_plan(proj: Path, target: str, *extra: str) -> dict[str, dict]:
     """`snakemake --workflow-profile workflow/profiles/slurm -n TARGET`: each planned rule's threads and resources."""
-    out = run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", target], proj).stdout
+    out = run([str(BIN / "snakemake"), "--workflow-profile", "workflow/profiles/slurm", "-n", *extra, "--", target],
+              proj).stdout
     jobs = {}
     for block in re.split(r"\n(?=\[|rule |localrule )", out):
         head = re.match(r"(?:local)?rule (\w+):", block)
@@ -208,13 +210,16 @@ def test_the_slurm_plan_asks_for_the_gpus_cpus_and_memory_the_shipped_recipes_ne
     cifar = slurm_plan(proj, "results/deat_cifar10.json")
     assert {k: cifar["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
         {"gpu": "1", "nodes": "1", "cpus_per_task": "4", "mem_mb": "16000", "threads": "4"}
-    assert cifar["train"]["slurm_extra"] == "--signal=USR1@300" and int(cifar["train"]["runtime"]) >= 600
+    assert cifar["train"]["slurm_extra"] == "--signal=TERM@300" and int(cifar["train"]["runtime"]) >= 600
     assert cifar["evaluate"]["gpu"] == "1" and cifar["prepare"]["threads"] == "1"
     inet = slurm_plan(proj, "results/deat_imagenet.json")
     assert {k: inet["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
         {"gpu": "8", "nodes": "1", "cpus_per_task": "64", "mem_mb": "256000", "threads": "64"}
     assert inet["prepare"]["threads"] == "16" and int(inet["prepare"]["runtime"]) >= 4 * 60
     assert int(inet["prepare"]["mem_mb"]) >= 16000
+    # a partition given on the command line replaces the profile's set-resources, not the rule's early signal
+    moved = slurm_plan(proj, "results/deat_cifar10.json", "--set-resources", "train:slurm_partition=gpu")
+    assert moved["train"]["slurm_extra"] == "--signal=TERM@300" and moved["train"]["slurm_partition"] == "gpu"
     tiny = slurm_plan(proj, "results/pgd_fashionmnist.json")
     assert tiny["train"]["gpu"] == "0" and tiny["evaluate"]["gpu"] == "0"
 

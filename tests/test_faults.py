@@ -305,3 +305,16 @@ def test_a_signal_writes_a_checkpoint_at_the_next_batch_and_exits_for_a_retry(si
     p = advtrain(proj, "train", "pgd", "fashionmnist")
     assert p.returncode == 0 and f"resuming in epoch 2/3 after batch {stop.group(1)}/10" in p.stdout
     assert_same_training(proj, reference)
+
+
+def test_a_nan_inside_an_epoch_never_overwrites_the_last_good_checkpoint(base, reference, tmp_path):
+    proj = fresh(base, tmp_path)
+    settings = with_settings(proj, EVERY_BATCH)
+    p = advtrain(proj, *settings, "train", "pgd", "fashionmnist", fault="train.nan:15")  # epoch 2, its 5th step
+    assert p.returncode == 2 and "NaN/inf at epoch 2, optimizer step 5/5" in p.stderr, p.stderr[-2000:]
+    state = torch.load(checkpoint(proj), weights_only=True)
+    assert state["epoch"] == 1 and state["in_epoch"]["batch"] == 4  # written before the NaN, not after it
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    p = advtrain(proj, *settings, "train", "pgd", "fashionmnist")  # a transient fault: the rerun goes on from there
+    assert p.returncode == 0 and "resuming in epoch 2/3 after batch 4/10" in p.stdout
+    assert_same_training(proj, reference)

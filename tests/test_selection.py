@@ -1,6 +1,7 @@
 """Results a reviewer accepts: model selection on held-out training images (never the test split), EMA weights,
 intervals and paired tests, the L2 threat model, and a checkpoint trained elsewhere evaluated the same way."""
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -279,7 +280,7 @@ def test_model_files_of_any_wrapping_are_evaluated_as_they_were_trained(tmp_path
     ours = json.loads((tmp_path / "results/seeds/standard_toy/seed0.json").read_text())["clean_acc"]
 
     def evaluated(file, *extra) -> dict:
-        name = file.split(".")[0]
+        name = Path(file).stem  # a safe name (evaluate --name refuses a path)
         assert cli.main(["evaluate", "--model", file, "--arch", "small_cnn", "--name", name, *extra, "toy"]) == 0, \
             capsys.readouterr().err
         return json.loads((tmp_path / f"results/{name}_toy.json").read_text())

@@ -21,6 +21,12 @@ from .errors import UserError
 from .lazy import torch
 from .models import MODELS
 
+# SIGTERM five minutes before the time limit (SLURM's --signal, sent to every process of the job step): training
+# checkpoints at the next minibatch and exits while the job still has time; the limit's own SIGTERM comes only
+# KillWait (often 30 s) before SIGKILL. SIGTERM, not SIGUSR1: Snakemake's process in the job step (the executor
+# plugin runs the job through `srun ... snakemake`) stops gracefully on SIGTERM and dies of SIGUSR1. A job whose
+# runtime is set below about 10 minutes should set slurm_extra itself (it would be signalled at once).
+EARLY_SIGNAL = "--signal=TERM@300"
 CPUS_PER_GPU = {"streamed": 8, "in_memory": 4}  # loader workers per rank: torchvision's ImageNet recipe uses 8
 MEM_MB_PER_GPU = {"streamed": 32000, "in_memory": 16000}
 CPU_JOB = {"mem_mb": 16000}

@@ -9,6 +9,7 @@ On CUDA the JPEG decode can run on the GPU (`decode: cuda`): the workers then on
 from __future__ import annotations
 
 import math
+import signal
 
 from .cpus import usable_cpus
 from .distributed import World
@@ -162,6 +163,15 @@ class _Batches:
         return x, None, k
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT. SLURM's time limit signals every process of the job,
+    and a worker that died of it would make torch raise "DataLoader worker (pid N) is killed by signal" in the
+    training process at any point, before the checkpoint the signal asks for (preemption.py). The training
+    process stops its workers itself when it exits."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class StreamLoader:
     """Batches of float [0, 1] images (B, 3, size, size) on `device` with their labels, from a sharded split.
 
@@ -245,7 +255,7 @@ class StreamLoader:
             self._loader = torch.utils.data.DataLoader(
                 _Batches(self.reader, self.stage, self.size), batch_size=None, sampler=self._plan,
                 num_workers=self.workers, pin_memory=cuda, prefetch_factor=4 if self.workers else None,
-                persistent_workers=self.workers > 0,
+                persistent_workers=self.workers > 0, worker_init_fn=_ignore_stop_signals,
                 # the workers' seeds come from its own generator, not from torch's global one, which the attacks
                 # draw from: a resumed run finds the global generator where the uninterrupted run had it
                 generator=torch.Generator().manual_seed(0))

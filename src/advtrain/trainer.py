@@ -352,10 +352,13 @@ class Trainer:
             self.checkpoints.uninstall()
         return self.history
 
-    def _save_in_epoch(self, batch: int, epoch_rng: torch.Tensor, seconds: float) -> None:
+    def _save_in_epoch(self, batch: int, epoch_rng: torch.Tensor, seconds: float) -> bool:
         """A checkpoint after `batch` minibatches of the current epoch: what the rest of the epoch needs to continue
-        as if it had not stopped (the accumulators summed over the ranks land on the main rank when it resumes)."""
+        as if it had not stopped (the accumulators summed over the ranks land on the main rank when it resumes). False,
+        and nothing written, once the loss has been NaN/inf in this epoch."""
         a = self.agree_epoch()
+        if not bool(a["finite"]):  # no checkpoint of NaN weights: the last good one stays, and the epoch's end says so
+            return False
         sums = {k: self.world.sum(torch.as_tensor(v, device=self.device)).cpu()
                 for k, v in self.method.epoch_sums().items()}
         self._in_epoch = {"batch": batch, "loader_rng": epoch_rng, "seconds": seconds, "steps": self._steps,
@@ -367,6 +370,7 @@ class Trainer:
             self._in_epoch = None
         self.checkpoints.saved()
         self.world.barrier()  # no rank leaves before the main rank's file is written
+        return True
 
     def _continue_epoch(self, at: dict) -> None:
         """Put back the accumulators of a checkpoint written inside this epoch. The main rank takes the sums over
@@ -520,7 +524,8 @@ class Trainer:
             if i + 1 < n_batches:
                 save, signum = self.checkpoints.due(i)
                 if save:
-                    self._save_in_epoch(i + 1, epoch_rng, earlier + time.perf_counter() - t0)
+                    if not self._save_in_epoch(i + 1, epoch_rng, earlier + time.perf_counter() - t0):
+                        break  # the loss went NaN/inf: the epoch's end below stops in one line
                     if signum:
                         self._preempted(signum, f"in epoch {epoch + 1}/{self.epochs} after batch {i + 1}/{n_batches}")
                     if self.world.main:

@@ -90,12 +90,16 @@ def gpus(wildcards, teacher=False, evaluation=False):
 
 
 def job_resources(stage, teacher=False, evaluation=False):
-    """A train/pretrain/evaluate rule's resources: gpu, nodes, mem_mb, runtime (each a function of the job)."""
+    """A train/pretrain/evaluate rule's resources: gpu, nodes, mem_mb, runtime (each a function of the job), and for
+    training the early SIGTERM that lets it checkpoint before its time limit (resources.EARLY_SIGNAL)."""
 
     def get(key):
         return lambda wc: resources.gpu_job(gpus(wc, teacher, evaluation), run_config(wc, teacher).info, stage)[key]
 
-    return {key: get(key) for key in ("gpu", "nodes", "mem_mb", "runtime")}
+    out = {key: get(key) for key in ("gpu", "nodes", "mem_mb", "runtime")}
+    if stage == "train":
+        out["slurm_extra"] = resources.EARLY_SIGNAL
+    return out
 
 
 def prepare_resources(key):

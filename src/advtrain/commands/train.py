@@ -51,7 +51,7 @@ def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
     if failure is None:
         return True
     if failure.message:  # a rank's own one-line error (every rank's, when they all refused alike)
-        raise UserError(failure.message if failure.rank == 0 else f"[rank {failure.rank}] {failure.message}")
+        raise UserError(failure.message)  # it names the run; which rank said it first is a race among equals
     state = load_training_state(checkpoint_path(cfg.name, fingerprint(cfg)))
     done, at = (state["epoch"], state.get("in_epoch")) if state else (0, None)
     if at:
