@@ -151,3 +151,25 @@ def test_sigterm_to_every_rank_stops_them_at_one_minibatch_and_the_run_resumes_t
     a, b = weights(two, "deat"), weights(proj, "deat")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_batchnorm_model_resumed_inside_an_epoch_on_two_ranks_ends_bit_for_bit(runs, tmp_path):
+    """Each rank's BatchNorm statistics (its own shard's) go into the checkpoint and come back to that rank: PGD's
+    eval-mode attacks after the resume use them, as they did in the uninterrupted run."""
+    _, two, _ = runs
+    bn = {"datasets": {"fashionmnist": {"model": "wide_resnet", "training": {"checkpoint_minutes": 1e-9}}},
+          "models": {"wide_resnet": {"depth": 10, "width": 1}}}
+    whole, killed = (project(tmp_path, name, 2, prepared_from=two) for name in ("bn_whole", "bn_killed"))
+    for proj in (whole, killed):
+        (proj / "bn.yaml").write_text(json.dumps(bn))
+    cmd = [str(BIN / "advtrain"), "--params", "params.yaml,bn.yaml", "train", "pgd", "fashionmnist"]
+    run(cmd, whole)
+    # rank 1 is SIGKILLed before minibatch 9 of epoch 2; the ranks' last agreement wrote a checkpoint after batch 8
+    p = run(cmd, killed, check=False, extra_env={"ADVTRAIN_FAULT": "train.batch:19", "ADVTRAIN_FAULT_RANK": "1"})
+    assert p.returncode != 0
+    p = run(cmd, killed)
+    assert "resuming in epoch 2/2 after batch 8/10" in p.stdout, p.stdout[-3000:]
+    a, b = weights(whole, "pgd"), weights(killed, "pgd")
+    assert any("running_mean" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

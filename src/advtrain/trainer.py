@@ -281,10 +281,24 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "best": self.best,
             "in_epoch": self._in_epoch,
+            "rank_buffers": self._rank_buffers(),
         }
+
+    def _rank_buffers(self) -> dict | None:
+        """Under torchrun, every rank's buffers (BatchNorm's running statistics), rank by rank. DDP hands rank 0's to
+        every rank at each training forward, but each rank then updates its own from its shard, and the attacks made
+        in eval mode between two forwards use them: a resumed run needs each rank's own. None in one process."""
+        if not self.world.on:
+            return None
+        return {name: self.world.gather(b.detach().reshape(1, -1)).cpu() for name, b in self.model.named_buffers()}
 
     def load_state_dict(self, s: dict) -> None:
         self.model.load_state_dict(s["model"])
+        mine = s.get("rank_buffers")
+        if mine and self.world.on and all(len(v) == self.world.size for v in mine.values()):
+            with torch.no_grad():  # on another number of ranks, every rank starts from rank 0's (the model's)
+                for name, b in self.model.named_buffers():
+                    b.copy_(mine[name][self.world.rank].view_as(b))
         self.optimizer.load_state_dict(s["optimizer"])
         self.method.load_state_dict(s["method"])
         self.loader.generator.set_state(s["loader_rng"])
