@@ -36,15 +36,20 @@ class Snapshots:
         self.states[metrics["epoch"]] = {k: v.clone() for k, v in trainer.published().state_dict().items()}
 
 
+def collapse_in_the_last_epoch(trainer, epoch) -> None:
+    """A constant answer after the last epoch, as catastrophic overfitting leaves a model."""
+    if epoch + 1 == trainer.epochs:
+        last = trainer.model.net.classifier[-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+
+
 class CollapsingPGD(PGD):
     """PGD-AT whose last epoch ends in a collapsed model (a constant answer), as catastrophic overfitting does."""
 
     def end_epoch(self, trainer, epoch, metrics):
-        if epoch + 1 == trainer.epochs:
-            last = trainer.model.net.classifier[-1]
-            with torch.no_grad():
-                last.weight.zero_()
-                last.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+        collapse_in_the_last_epoch(trainer, epoch)
         return super().end_epoch(trainer, epoch, metrics)
 
 
@@ -72,11 +77,7 @@ class CollapsingFGSM(FGSM):
     back."""
 
     def end_epoch(self, trainer, epoch, metrics):
-        if epoch + 1 == trainer.epochs:
-            last = trainer.model.net.classifier[-1]
-            with torch.no_grad():
-                last.weight.zero_()
-                last.bias.copy_(torch.tensor([5.0] + [0.0] * 9))
+        collapse_in_the_last_epoch(trainer, epoch)
         return super().end_epoch(trainer, epoch, metrics)
 
 
