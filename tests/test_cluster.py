@@ -209,7 +209,7 @@ def test_the_slurm_plan_asks_for_the_gpus_cpus_and_memory_the_shipped_recipes_ne
     proj = make_project(tmp_path / "plan")
     cifar = slurm_plan(proj, "results/deat_cifar10.json")
     assert {k: cifar["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
-        {"gpu": "1", "nodes": "1", "cpus_per_task": "4", "mem_mb": "16000", "threads": "4"}
+        {"gpu": "1", "nodes": "1", "cpus_per_task": "8", "mem_mb": "16000", "threads": "8"}
     assert cifar["train"]["slurm_extra"] == "--signal=TERM@300" and int(cifar["train"]["runtime"]) >= 600
     assert cifar["evaluate"]["gpu"] == "1" and cifar["prepare"]["threads"] == "1"
     inet = slurm_plan(proj, "results/deat_imagenet.json")

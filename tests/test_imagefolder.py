@@ -254,7 +254,7 @@ def test_image_folder_through_snakemake_prepare_train_evaluate_report(workflow):
         metrics = json.loads((workflow / f"metrics/train/{method}_shapes_seed0.json").read_text())
         assert metrics["epochs"][0]["images_per_s"] > 0 and metrics["totals"]["epochs"] == 1
     report = (workflow / "reports/report.html").read_text()
-    assert "<h2>shapes</h2>" in report and "<td>deat</td>" in report and "<td>pgd</td>" in report
+    assert "<h2>shapes</h2>" in report and "<td><b>deat</b>" in report and "<td><b>pgd</b>" in report
 
 
 def test_two_ranks_stream_what_one_process_streams(workflow, tmp_path):

@@ -18,10 +18,11 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from .commands import aggregate, check, evaluate, prepare, report, sync, train
 from .config import Params
-from .console import claim_log, error, interrupted, tee_to
+from .console import claim_log, crashed, error, interrupted, tee_to
 from .errors import UserError
 from .preemption import Preempted
 
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Preempted as e:  # a checkpoint is written and the line saying so printed: a failure to resubmit
         return e.exit_code
+    except Exception:
+        if not crashed(traceback.format_exc()):  # a rank of the launcher hands it over (launcher.py)
+            raise
+        return 1
     return 0
 
 

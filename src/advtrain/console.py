@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .launcher import in_rank, report_in_rank
+from .launcher import in_rank, report_in_rank, traceback_in_rank
 
 
 def error(msg: str) -> None:
@@ -14,6 +14,13 @@ def error(msg: str) -> None:
     the launcher instead, which prints it once for all the ranks (launcher.py)."""
     if not report_in_rank(msg):
         print(f"error: {msg}", file=sys.stderr, flush=True)
+
+
+def crashed(text: str) -> bool:
+    """An unexpected exception's traceback: in a rank of `advtrain train`'s launcher it is handed to the launcher,
+    which prints it only when that rank's failure is the one to report (True); elsewhere False, for the caller to
+    raise as usual."""
+    return traceback_in_rank(text)
 
 
 def interrupted() -> None:

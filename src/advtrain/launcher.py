@@ -29,6 +29,7 @@ class Failure:
     pid: int
     exitcode: int
     message: str | None
+    traceback: str | None = None  # an unexpected exception's, which the rank handed over instead of printing
 
     @property
     def signal(self) -> str | None:
@@ -84,14 +85,28 @@ def _first(failures: dict) -> Failure:
     rank that died by itself before one the launcher then stopped."""
     found = []
     for rank, f in failures.items():
-        message = f.message if isinstance(f.error_file_data, dict) and f.error_file_data.get("advtrain") else None
-        found.append(Failure(int(rank), int(f.pid), int(f.exitcode), message))
-    return min(found, key=lambda f: (f.message is None, f.exitcode == -signal.SIGTERM, f.rank))
+        data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+        message = f.message if data.get("advtrain") else None
+        found.append(Failure(int(rank), int(f.pid), int(f.exitcode), message, data.get("advtrain_traceback")))
+    # a rank killed by a signal of its own comes before a rank whose collective then failed (its peer was gone)
+    return min(found, key=lambda f: (f.message is None, not (f.signal and f.exitcode != -signal.SIGTERM), f.rank))
 
 
 def in_rank() -> bool:
     """Whether this process is a rank this launcher started."""
     return bool(os.environ.get(MARK) and os.environ.get("TORCHELASTIC_ERROR_FILE"))
+
+
+def traceback_in_rank(text: str) -> bool:
+    """In a rank this launcher started: hand an unexpected exception's traceback to the launcher (the rank's error
+    file), which prints it only if this rank's failure is the one to report (not when a collective failed because
+    another rank had died); True. Elsewhere False: the caller prints it."""
+    if not in_rank():
+        return False
+    path = Path(os.environ["TORCHELASTIC_ERROR_FILE"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"message": "", "timestamp": int(time.time()), "advtrain_traceback": text}))
+    return True
 
 
 def report_in_rank(message: str) -> bool:

@@ -116,9 +116,12 @@ def longest_first(wildcards):
 
 
 def rank_threads(wildcards, teacher=False, evaluation=False):
-    """A GPU job: resources.CPUS_PER_GPU per GPU. A CPU job: its model's cpu_threads (models/base.py), up to the cores
-    given (small_cnn: 1, so `--cores 2` runs two jobs side by side). Snakemake passes it on as OMP_NUM_THREADS."""
+    """A CPU job: its model's cpu_threads (models/base.py), up to the cores given (small_cnn: 1, so `--cores 2` runs
+    two jobs side by side). A GPU job: resources.CPUS_PER_GPU per GPU, and no fewer than a CPU job's, since with
+    `device: auto` on a machine without a GPU (locally) it trains on the CPU. Snakemake passes it on as
+    OMP_NUM_THREADS."""
+    cpu = MODELS[run_config(wildcards, teacher).model].cpu_threads
     n = gpus(wildcards, teacher, evaluation)
     if n:
-        return resources.gpu_threads(n, run_config(wildcards, teacher).info)
-    return min(workflow.cores, MODELS[run_config(wildcards, teacher).model].cpu_threads)
+        return max(resources.gpu_threads(n, run_config(wildcards, teacher).info), cpu)
+    return min(workflow.cores, cpu)

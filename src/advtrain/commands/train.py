@@ -66,6 +66,8 @@ def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
         raise Preempted(stopped_by, resume)
     if failure.rank is None:
         raise UserError(f"{cfg.name}: {failure.signal} stopped the {devices} ranks; {resume}")
+    if failure.traceback:
+        sys.stderr.write(failure.traceback)
     above = " (its traceback is above)" if failure.exitcode == 1 else ""
     raise UserError(f"{cfg.name}: rank {failure.rank} of {devices} (pid {failure.pid}) {failure.how}{above}; "
                     f"{resume}")
