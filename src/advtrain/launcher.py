@@ -103,9 +103,7 @@ def traceback_in_rank(text: str) -> bool:
     another rank had died); True. Elsewhere False: the caller prints it."""
     if not in_rank():
         return False
-    path = Path(os.environ["TORCHELASTIC_ERROR_FILE"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"message": "", "timestamp": int(time.time()), "advtrain_traceback": text}))
+    _hand_over(message="", advtrain_traceback=text)
     return True
 
 
@@ -114,11 +112,16 @@ def report_in_rank(message: str) -> bool:
     to print, and return True. Elsewhere False: the caller prints it."""
     if not in_rank():
         return False
-    path = os.environ["TORCHELASTIC_ERROR_FILE"]
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time()), "advtrain": True}))
+    _hand_over(message=message, advtrain=True)
     if os.environ.get("RANK", "0") != "0":
         # the launcher stops every rank once one has failed: where rank 0 refuses alike (a setting, the data), its
-        # exit comes first and its words are reported, without a rank's name in front
+        # exit comes first and its words are the ones reported
         time.sleep(1.0)
     return True
+
+
+def _hand_over(**fields) -> None:
+    """Write this rank's error file (torch elastic's TORCHELASTIC_ERROR_FILE), which the launcher reads."""
+    path = Path(os.environ["TORCHELASTIC_ERROR_FILE"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"timestamp": int(time.time()), **fields}))

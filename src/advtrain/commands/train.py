@@ -73,10 +73,15 @@ def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
                     f"{resume}")
 
 
+def on_data(cfg: RunConfig, meta: dict) -> RunConfig:
+    """The run's settings bound to its prepared training split: a checkpoint is valid for these images only, so other
+    prepared data trains afresh under its own key (its train_fingerprint)."""
+    return dataclasses.replace(cfg, data_digest=data_digest(meta, "train"))
+
+
 def fingerprint(cfg: RunConfig) -> str:
     """The fingerprint a run's checkpoint is kept under: its settings and its prepared training split."""
-    meta = read_meta(prepared_dir(cfg.dataset))[0]
-    return dataclasses.replace(cfg, data_digest=data_digest(meta, "train")).train_fingerprint()
+    return on_data(cfg, read_meta(prepared_dir(cfg.dataset))[0]).train_fingerprint()
 
 
 def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str = "model", teacher=None) -> None:
@@ -90,8 +95,7 @@ def fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind:
 
 def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind: str, teacher, world: World) -> None:
     data, meta = open_split(prepared_dir(cfg.dataset), "train", cfg.info)
-    # a checkpoint is valid for these images only: other prepared data trains afresh under its own key
-    cfg = dataclasses.replace(cfg, data_digest=data_digest(meta, "train"))
+    cfg = on_data(cfg, meta)
     tracker = TrainingTracker(cfg.experiment, prepared_dir(cfg.dataset), meta, log=log) if world.main else None
     ckpt = checkpoint_path(cfg.name, cfg.train_fingerprint())
     rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
@@ -118,7 +122,7 @@ def _fit(cfg: RunConfig, out_model: Path, out_metrics: Path, restart: bool, kind
                   # no wall-clock figure: the same weights give the same bytes (a resumed run's file is the
                   # uninterrupted run's, and DVC sees nothing to re-evaluate); the metrics JSON keeps the seconds
                   "train": {k: v for k, v in totals.items() if k != "seconds"},
-                  "stop_reason": trainer.stop_reason, "data_sha256": data_digest(meta, "train")}
+                  "stop_reason": trainer.stop_reason, "data_sha256": cfg.data_digest}
     teacher = getattr(trainer.method, "teacher", None)
     save_model(out_model, state, model_meta, kind=kind, teacher=None if teacher is None else cpu_state(teacher))
     write_json(out_metrics, {"method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
