@@ -14,14 +14,14 @@ from advtrain.config import ConfigError, Params
 from conftest import BIN, ROOT, make_project, run
 from test_faults import untimed
 
-# A model trained for 2 epochs of PGD-AT at eps 0.05 (robust on about 45% of the points), evaluated on 40 points in
-# batches of 6 with PGD-3, CW-3 and AutoAttack's fast version: about 4 batches per stage, 2 for each rank.
+# A model trained for 2 epochs of PGD-AT at eps 0.05 (robust on about 40% of the points), evaluated on 32 points in
+# batches of 6 with PGD-3, CW-3 and AutoAttack's fast version: about 3 batches per stage, rank 0 taking 2, rank 1 one.
 OVERRIDES = {
     "runs": {"methods": ["pgd"], "teacher_methods": [], "seeds": [0]},
     "datasets": {"fashionmnist": {
         "eps": 0.05, "alpha": 0.0125,
         "training": {"epochs": 2, "batch_size": 100, "train_subset": 2000, "val_points": 0, "select": "last"},
-        "evaluation": {"n_points": 40, "batch_size": 6, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast"}}},
+        "evaluation": {"n_points": 32, "batch_size": 6, "pgd_steps": 3, "cw_steps": 3, "autoattack": "fast"}}},
     "methods": {"pgd": {"fashionmnist": {"steps": 2}}},
 }
 BATCH = 6
@@ -37,9 +37,9 @@ def copy(src: Path, dst: Path, overlay: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
+def trained(prepared, tmp_path_factory) -> Path:
     proj = make_project(tmp_path_factory.mktemp("ranks") / "trained", OVERRIDES)
-    run([str(BIN / "advtrain"), "prepare", "fashionmnist"], proj)
+    shutil.copytree(prepared / "data", proj / "data")
     run([str(BIN / "advtrain"), "train", "pgd", "fashionmnist"], proj)
     return proj
 
@@ -81,29 +81,37 @@ def test_a_rank_killed_mid_evaluation_resumes_from_its_own_state(evaluated, trai
     one, _, _ = evaluated
     reference = result(one)
     proj = copy(trained, trained.parent / "killed", TWO_RANKS)
-    # the points PGD attacks (the clean-correct ones) in batches of 6, every other batch rank 1's: it is killed after
-    # its last PGD batch, so that on the rerun it has nothing left of the stage and goes straight to the merge
-    correct = round(reference["clean_acc"] * reference["n_points"])
-    mine = math.ceil(correct / BATCH) // 2
+    states = proj / "checkpoints/eval/pgd_fashionmnist_seed0"
+    # PGD, CW and APGD-CE each attack the clean-correct points, in batches of 6: batch i is rank i % 2's
+    batches = math.ceil(round(reference["clean_acc"] * reference["n_points"]) / BATCH)
+    assert batches >= 3  # rank 0 has 2 batches of a stage or more, rank 1 one or more
+    # 1. rank 1 is killed after its last PGD batch: rerun, it has nothing left of the stage and goes to the merge
+    mine = batches // 2
     p = run(EVALUATE, proj, check=False,
-            extra_env={"ADVTRAIN_FAULT": f"evaluate.batch:{mine}", "ADVTRAIN_FAULT_RANK": "1"})
+            extra_env={"ADVTRAIN_FAULT": f"evaluate.batch@pgd-3 #1:{mine}", "ADVTRAIN_FAULT_RANK": "1"})
     assert p.returncode == 2, (p.returncode, p.stdout[-3000:], p.stderr[-3000:])
-    assert "[fault] SIGKILL at evaluate.batch" in p.stdout
+    assert "[fault] SIGKILL at evaluate.batch pgd-3 #1" in p.stdout
     err = p.stderr.strip()
     assert len(err.splitlines()) == 1 and re.fullmatch(
         r"error: pgd_fashionmnist_seed0: rank 1 of 2 \(pid \d+\) was killed by SIGKILL; the same command resumes "
         r"its 2 ranks from their saved batches", err), err
     assert not (proj / RESULT).exists()
-    states = sorted(p.name for p in (proj / "checkpoints/eval/pgd_fashionmnist_seed0").glob("*.pt"))
-    assert len(states) == 2 and states[1].endswith(".rank1.pt"), states
-    p = run(EVALUATE, proj)
-    # rank 1 resumes after its PGD batches: none left, it waits for rank 0's at the merge, then goes on with CW
-    assert "[rank 1] [evaluate] resuming from checkpoints/eval/pgd_fashionmnist_seed0/" in p.stdout
-    assert re.search(rf"^\[rank 1\] \[evaluate\] resuming from .*: 0/4 attacks and {mine} batches already done",
-                     p.stdout, re.M), p.stdout[-3000:]
+    assert sorted(p.name[16:] for p in states.glob("*.pt")) == [".pt", ".rank1.pt"]  # rank 0's, rank 1's
+    # 2. rank 0 is killed after its first APGD-CE batch, with its others left
+    p = run(EVALUATE, proj, check=False,
+            extra_env={"ADVTRAIN_FAULT": "evaluate.batch@apgd-ce:1", "ADVTRAIN_FAULT_RANK": "0"})
+    assert p.returncode == 2 and "rank 0 of 2" in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+    assert re.search(rf"^\[rank 1\] \[evaluate\] resuming from .*\.rank1\.pt: 0/4 attacks and {mine} batches "
+                     "already done", p.stdout, re.M), p.stdout[-3000:]
     assert not re.search(r"^\[rank 1\] \[evaluate\] pgd-3 #1: batch", p.stdout, re.M)
+    # 3. the same command ends with the uninterrupted result; rank 0 attacks only the APGD-CE batches it had left
+    p = run(EVALUATE, proj)
+    assert re.search(r"^\[evaluate\] resuming from .*[0-9a-f]\.pt: 2/4 attacks and \d+ batches already done",
+                     p.stdout, re.M), p.stdout[-3000:]
+    rank0 = re.findall(r"^\[evaluate\] apgd-ce: batch (\d+)/", p.stdout, re.M)
+    assert rank0 == [str(b) for b in range(3, batches + 1, 2)], p.stdout[-3000:]
     assert untimed(result(proj)) == untimed(reference)
-    assert not list((proj / "checkpoints/eval/pgd_fashionmnist_seed0").glob("*.pt"))
+    assert not list(states.glob("*.pt"))
 
 
 def test_a_state_of_another_number_of_ranks_is_not_resumed(tmp_path):
@@ -144,4 +152,4 @@ def test_evaluation_devices_changes_no_result_key(trained):
     assert Params(yaml.safe_load((ROOT / "params.yaml").read_text())).resolve(
         "pgd", "fashionmnist").evaluation["devices"] == 1
     model = trained / "models/pgd_fashionmnist_seed0.pt"
-    assert fingerprint(model, one.eps, one.evaluation, 0, 40) == fingerprint(model, two.eps, two.evaluation, 0, 40)
+    assert fingerprint(model, one.eps, one.evaluation, 0, 32) == fingerprint(model, two.eps, two.evaluation, 0, 32)

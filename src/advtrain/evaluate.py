@@ -220,6 +220,10 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     stages = plan(ev)
     size, rank = (world.size, world.rank) if world is not None else (1, 0)
     say = log if rank == 0 else (lambda msg: None)
+    def save():
+        if state_path:
+            save_torch(state_path, state)
+
     state = load_state(state_path, key, log, size) if state_path else None
     if size > 1:
         state = _agree(world, state, log)
@@ -232,6 +236,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
                  "batches": 0, "warnings": [],
                  "ex_adv": as_float(x[:N_EXAMPLES]).cpu().clone(),
                  "ex_fooled": torch.zeros(min(n, N_EXAMPLES), dtype=torch.bool)}
+        if size > 1:  # a rank killed before its first batch still has a state to resume: the others keep theirs
+            save()
     else:
         done_batches = state["batches"]
         log(f"[evaluate] resuming from {state_path}: {len(state['done'])}/{len(stages)} attacks and "
@@ -241,10 +247,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     clean = state["clean"].to(device)
     acc = lambda mask: mask.sum().item() / n  # noqa: E731  (exact fractions of n, as AutoAttack reports them)
     say(f"[evaluate] clean accuracy {100 * acc(clean):.2f}% on {n} points")
-
-    def save():
-        if state_path:
-            save_torch(state_path, state)
 
     aa = classes = None
     skipped = state.setdefault("skipped", {})  # AutoAttack attacks not defined for this model: {attack: why}
@@ -303,7 +305,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
             if n_batches > 1:  # a rank's mask holds only its own batches' outcomes until the merge
                 robust = f", robust {100 * acc(mask):.2f}%" if size == 1 else ""
                 log(f"[evaluate] {stage.name}: batch {bi + 1}/{n_batches}{robust}")
-            faults.fires("evaluate.batch")
+            faults.fires("evaluate.batch", f"{stage.name} {bi + 1}/{n_batches}")
         warnings = sorted(set(state["warnings"]) | set(aa.collect.warnings)) if aa is not None else state["warnings"]
         if size > 1:  # the next stage's points are the ones every rank left robust
             mask = _merge(world, state, stage, mask, warnings)
