@@ -85,7 +85,7 @@ def test_a_rank_killed_mid_evaluation_resumes_from_its_own_state(evaluated, trai
     # PGD, CW and APGD-CE each attack the clean-correct points, in batches of 6: batch i is rank i % 2's
     batches = math.ceil(round(reference["clean_acc"] * reference["n_points"]) / BATCH)
     assert batches >= 3  # rank 0 has 2 batches of a stage or more, rank 1 one or more
-    # 1. rank 1 is killed after its last PGD batch: rerun, it has nothing left of the stage and goes to the merge
+    # 1. rank 1 is killed after its last PGD batch
     mine = batches // 2
     p = run(EVALUATE, proj, check=False,
             extra_env={"ADVTRAIN_FAULT": f"evaluate.batch@pgd-3 #1:{mine}", "ADVTRAIN_FAULT_RANK": "1"})
@@ -97,19 +97,33 @@ def test_a_rank_killed_mid_evaluation_resumes_from_its_own_state(evaluated, trai
         r"its 2 ranks from their saved batches", err), err
     assert not (proj / RESULT).exists()
     assert sorted(p.name[16:] for p in states.glob("*.pt")) == [".pt", ".rank1.pt"]  # rank 0's, rank 1's
-    # 2. rank 0 is killed after its first APGD-CE batch, with its others left
+    # 2. rank 1 resumes after its PGD batches (none left: it goes to the merge), then is killed after its last CW
+    # batch; its state then is what a kill between CW's merge and its saving leaves: kept aside for step 4
     p = run(EVALUATE, proj, check=False,
-            extra_env={"ADVTRAIN_FAULT": "evaluate.batch@apgd-ce:1", "ADVTRAIN_FAULT_RANK": "0"})
-    assert p.returncode == 2 and "rank 0 of 2" in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+            extra_env={"ADVTRAIN_FAULT": f"evaluate.batch@cw-3 #1:{mine}", "ADVTRAIN_FAULT_RANK": "1"})
+    assert p.returncode == 2, (p.stdout[-3000:], p.stderr[-3000:])
     assert re.search(rf"^\[rank 1\] \[evaluate\] resuming from .*\.rank1\.pt: 0/4 attacks and {mine} batches "
                      "already done", p.stdout, re.M), p.stdout[-3000:]
     assert not re.search(r"^\[rank 1\] \[evaluate\] pgd-3 #1: batch", p.stdout, re.M)
-    # 3. the same command ends with the uninterrupted result; rank 0 attacks only the APGD-CE batches it had left
+    rank1 = next(states.glob("*.rank1.pt"))
+    behind = rank1.read_bytes()
+    # 3. rank 0 is killed after its first APGD-CE batch, with its others left
+    p = run(EVALUATE, proj, check=False,
+            extra_env={"ADVTRAIN_FAULT": "evaluate.batch@apgd-ce:1", "ADVTRAIN_FAULT_RANK": "0"})
+    assert p.returncode == 2 and "rank 0 of 2" in p.stderr, (p.stdout[-3000:], p.stderr[-3000:])
+    # 4. rank 1 as if killed after CW's merge, before it saved CW as done: it takes rank 0's merged outcome; the
+    # same command ends with the uninterrupted result, rank 0 attacking only the APGD-CE batches it had left
+    rank1.write_bytes(behind)
     p = run(EVALUATE, proj)
     assert re.search(r"^\[evaluate\] resuming from .*[0-9a-f]\.pt: 2/4 attacks and \d+ batches already done",
                      p.stdout, re.M), p.stdout[-3000:]
+    assert ("[rank 1] [evaluate] the other ranks saved cw-3 #1 as merged after this rank was stopped: taking their "
+            "outcome") in p.stdout
+    assert re.search(r"^\[rank 1\] \[evaluate\] resuming from .*: 2/4 attacks", p.stdout, re.M)
     rank0 = re.findall(r"^\[evaluate\] apgd-ce: batch (\d+)/", p.stdout, re.M)
     assert rank0 == [str(b) for b in range(3, batches + 1, 2)], p.stdout[-3000:]
+    assert re.findall(r"^\[rank 1\] \[evaluate\] apgd-ce: batch (\d+)/", p.stdout, re.M) == \
+        [str(b) for b in range(2, batches + 1, 2)]
     assert untimed(result(proj)) == untimed(reference)
     assert not list(states.glob("*.pt"))
 

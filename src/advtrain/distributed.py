@@ -40,12 +40,14 @@ class World:
         """The one rank that writes files, logs progress and talks to MLflow."""
         return self.rank == 0
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device, timeout_minutes: float = 30) -> None:
+        """Join the ranks' process group; a collective that waits longer than `timeout_minutes` for a rank fails."""
         self.device_in_use = device
         if self.on and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(minutes=timeout_minutes))
 
     def device(self, base: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if base.type == "cuda" and self.on else base

@@ -161,12 +161,14 @@ def load_state(path: Path, key: str, log: Callable[[str], None], world_size: int
 SHARED = ("masks", "done", "after", "aa_masks", "skipped", "seconds", "warnings", "ex_adv", "ex_fooled")
 
 
-def _agree(world: World, state: dict | None, log: Callable[[str], None]) -> dict | None:
+def _agree(world: World, state: dict | None, stages: list[Stage], log: Callable[[str], None]) -> dict | None:
     """The ranks' saved states, made one evaluation's: all resume or all start afresh, at the same stage.
 
-    A rank may be one stage ahead of another: it saved the stage as done after the merge, and the other was killed
-    before it did. Every rank had attacked all of its batches of that stage before the merge, so the ahead rank's
-    merged outcome is the stage's, and the others take it."""
+    A rank may be one stage behind the others: it was killed after a stage's merge and before it saved the stage as
+    done, while they saved it (and may have attacked batches of the next stage since). Every rank had attacked all of
+    its batches of that stage before the merge, so an ahead rank's merged outcome is the stage's: the rank behind
+    takes it, and starts its batches of the next stage from that stage's points (its todo, which the ahead ranks
+    keep)."""
     views = world.gather_objects(None if state is None else len(state["done"]))
     if None in views:
         if any(v is not None for v in views) and world.main:
@@ -174,13 +176,23 @@ def _agree(world: World, state: dict | None, log: Callable[[str], None]) -> dict
             log(f"[evaluate] rank(s) {missing} of {world.size} have no saved state of this evaluation; every rank "
                 "evaluates afresh")
         return None
-    ahead = views.index(max(views))
     if min(views) == max(views):
         return state
-    shared = world.gather_objects({k: state[k] for k in SHARED if k in state} if world.rank == ahead else None)
+    ahead = views.index(max(views))
+    shared = world.gather_objects({**{k: state[k] for k in SHARED if k in state}, "current": state["current"]}
+                                  if world.rank == ahead else None)[ahead]
     if views[world.rank] < views[ahead]:
-        state.update(shared[ahead])
+        cur = shared.pop("current")
+        log(f"[evaluate] the other ranks saved {shared['done'][-1]} as merged after this rank was stopped: taking "
+            "their outcome")
+        state.update(shared)
         state["current"] = None
+        if cur:  # the ahead ranks' mask of this stage holds their own batches' outcomes: back to its points
+            family = next(s.family for s in stages if s.name == cur["stage"])
+            start = torch.zeros_like(state["clean"])
+            start[cur["todo"]] = True
+            state["masks"][family] = start
+            state["current"] = {"stage": cur["stage"], "todo": cur["todo"], "next": 0}
         state["ex_touched"] = torch.zeros_like(state["ex_fooled"])
     return state
 
@@ -226,7 +238,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 
     state = load_state(state_path, key, log, size) if state_path else None
     if size > 1:
-        state = _agree(world, state, log)
+        state = _agree(world, state, stages, log)
     if state is None:
         t0 = time.perf_counter()
         clean = predict(model, x, bs) == y

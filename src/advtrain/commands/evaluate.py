@@ -32,7 +32,8 @@ from ..tracking import log_result, warm_up
 from ..trainer import pick_device
 
 
-def run(params: Params, method: str, dataset: str, seed: int | None = None, argv: list[str] | None = None) -> dict | None:
+def run(params: Params, method: str, dataset: str, seed: int | None = None,
+        argv: list[str] | None = None) -> dict | None:
     cfg = params.resolve(method, dataset, seed)
     ev = cfg.evaluation
     resources.require_planned_gpus(resources.planned_gpus(ev["device"], cfg.model, ev["devices"]), cfg.name,
@@ -75,7 +76,9 @@ def _run(cfg, method: str, dataset: str, world: World) -> dict | None:
     t0 = time.perf_counter()
     spath = eval_state_path(cfg.name, key, world.rank)
     rank_log = log if world.main else (lambda msg: log(f"[rank {world.rank}] {msg}"))
-    world.start(device)
+    # a rank may wait at a stage's merge while the others attack the rest of their batches (after a resume, all of
+    # them: hours of AutoAttack on ImageNet): the job's time limit bounds the wait, not torch's 30 minutes
+    world.start(device, timeout_minutes=resources.RUNTIME_MIN["evaluate"])
     try:
         res = evaluate(model, x, y, cfg.eps, ev, cfg.seed, device, rank_log, state_path=spath, key=key,
                        norm=cfg.threat_model, world=world)
