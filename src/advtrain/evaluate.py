@@ -128,7 +128,8 @@ def undefined(attack: str, classes: int) -> str | None:
 def fingerprint(model_file: Path, eps: float, ev: dict, seed: int, n: int, norm: str = "Linf") -> str:
     h = hashlib.sha256(Path(model_file).read_bytes())
     # where and on how many ranks it runs changes no number of the result
-    settings = {"eps": eps, "ev": {k: v for k, v in ev.items() if k not in ("device", "devices")}, "seed": seed, "n": n}
+    settings = {"eps": eps, "ev": {k: v for k, v in ev.items() if k not in ("device", "devices")}, "seed": seed,
+                "n": n}
     if norm != "Linf":  # (so that L-inf keys stay what they were)
         settings["norm"] = norm
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -232,6 +233,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     stages = plan(ev)
     size, rank = (world.size, world.rank) if world is not None else (1, 0)
     say = log if rank == 0 else (lambda msg: None)
+
     def save():
         if state_path:
             save_torch(state_path, state)
