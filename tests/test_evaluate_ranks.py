@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from advtrain.config import ConfigError, Params
 from conftest import BIN, ROOT, make_project, run
@@ -72,7 +73,13 @@ def test_two_ranks_give_one_process_s_per_point_outcomes(evaluated):
         assert re.search(rf"^\[evaluate\] {re.escape(stage)}: batch \d+/", out, re.M), stage
     assert re.findall(r"^\[evaluate\] robust accuracy after (.+?): ", out, re.M) == stages
     assert "[rank 1] [evaluate] robust accuracy" not in out
-    # rank 0 wrote the record and removed every rank's state
+    # rank 0 alone logged the result to MLflow, into the training's run, and wrote the record, and removed every
+    # rank's state
+    client = MlflowClient(f"sqlite:///{two / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("advtrain").experiment_id])
+    assert [r.data.tags.get("run") for r in runs] == ["pgd_fashionmnist_seed0"]
+    history = client.get_metric_history(runs[0].info.run_id, "eval_robust_acc")
+    assert [m.value for m in history] == [b["robust_acc"]]
     assert not list((two / "checkpoints/eval/pgd_fashionmnist_seed0").glob("*.pt"))
     assert len(list((two / "checkpoints/eval/pgd_fashionmnist_seed0").glob("*.json"))) == 1
 
