@@ -204,8 +204,9 @@ def slurm_plan(proj: Path, target: str, *extra: str) -> dict[str, dict]:
 
 
 def test_the_slurm_plan_asks_for_the_gpus_cpus_and_memory_the_shipped_recipes_need(tmp_path):
-    """device: auto with a ResNet means GPUs on a cluster: one node, training.devices GPUs, CPUs and memory per GPU;
-    prepare of ImageNet gets a process per CPU and hours; the small CNN of the demo stays a CPU job."""
+    """device: auto with a ResNet means GPUs on a cluster: one node, training.devices GPUs for training and
+    evaluation.devices for evaluation, CPUs and memory per GPU; prepare of ImageNet gets a process per CPU and hours;
+    the small CNN of the demo stays a CPU job."""
     proj = make_project(tmp_path / "plan")
     cifar = slurm_plan(proj, "results/deat_cifar10.json")
     assert {k: cifar["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
@@ -214,6 +215,9 @@ def test_the_slurm_plan_asks_for_the_gpus_cpus_and_memory_the_shipped_recipes_ne
     assert cifar["evaluate"]["gpu"] == "1" and cifar["prepare"]["threads"] == "1"
     inet = slurm_plan(proj, "results/deat_imagenet.json")
     assert {k: inet["train"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
+        {"gpu": "8", "nodes": "1", "cpus_per_task": "64", "mem_mb": "256000", "threads": "64"}
+    # evaluation.devices: 8, as training's: the ranks share every attack's batches
+    assert {k: inet["evaluate"][k] for k in ("gpu", "nodes", "cpus_per_task", "mem_mb", "threads")} == \
         {"gpu": "8", "nodes": "1", "cpus_per_task": "64", "mem_mb": "256000", "threads": "64"}
     assert inet["prepare"]["threads"] == "16" and int(inet["prepare"]["runtime"]) >= 4 * 60
     assert int(inet["prepare"]["mem_mb"]) >= 16000

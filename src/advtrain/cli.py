@@ -40,7 +40,7 @@ def run_evaluate(a: argparse.Namespace, params: Params) -> None:
     elif len(a.names) != 2:
         raise UserError("evaluate needs METHOD DATASET (or --model FILE --arch NAME DATASET)")
     else:
-        evaluate.run(params, a.names[0], a.names[1], a.seed)
+        evaluate.run(params, a.names[0], a.names[1], a.seed, a.argv)
 
 
 def run_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
-    args.argv = argv  # `train` relaunches itself with them under torchrun (training.devices)
+    args.argv = argv  # `train` and `evaluate` relaunch themselves with them under torchrun (their devices)
     if args.log and os.environ.get("RANK", "0") == "0":  # under torchrun, one log: the main rank's
         # a command that takes a run lock appends to the log until it holds the lock (then it is a fresh file), so a
         # second process refused by the lock leaves the first one's log whole

@@ -72,9 +72,11 @@ EVALUATION = {
     "cw_steps": integer(0),  # CW-k: PGD on the margin loss, same restarts and step size; 0 = off
     "autoattack": choice("standard", "fast", "off"),
     "device": choice("auto", "cpu", "cuda"),
+    # ranks that share each attack's batches (evaluate.py): `advtrain evaluate` relaunches itself under torchrun
+    "devices": integer(1),
 }
 EVALUATION_DEFAULTS = {"n_points": None, "batch_size": 500, "pgd_steps": 20, "pgd_restarts": 1, "pgd_alpha": None,
-                       "cw_steps": 20, "autoattack": "standard", "device": "auto"}
+                       "cw_steps": 20, "autoattack": "standard", "device": "auto", "devices": 1}
 
 def scale_range(v: Any, key: str) -> list[float]:
     """[lo, hi]: the share of the image's area a random-resized crop keeps, 0 < lo <= hi <= 1."""

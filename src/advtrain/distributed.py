@@ -9,7 +9,8 @@ schedule and the results are those of one process.
   batch's mean loss.
 - Random draws shaped like the batch (attack starts) are drawn for the whole global batch on every rank, from the
   same generator state, and sliced: 2 ranks draw what 1 process draws, and every rank's generator stays in step.
-- Per-epoch sums (loss, accuracies, the gradient magnitude) are all-reduced before anything decides on them."""
+- Per-epoch sums (loss, accuracies, the gradient magnitude) are all-reduced before anything decides on them.
+- Evaluation (evaluate.py) splits a stage's batches among the ranks instead, and gathers each rank's outcomes."""
 from __future__ import annotations
 
 import os
@@ -39,12 +40,14 @@ class World:
         """The one rank that writes files, logs progress and talks to MLflow."""
         return self.rank == 0
 
-    def start(self, device: torch.device) -> None:
+    def start(self, device: torch.device, timeout_minutes: float = 30) -> None:
+        """Join the ranks' process group; a collective that waits longer than `timeout_minutes` for a rank fails."""
         self.device_in_use = device
         if self.on and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timedelta(minutes=timeout_minutes))
 
     def device(self, base: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if base.type == "cuda" and self.on else base
@@ -108,6 +111,14 @@ class World:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable: small tensors, lists, dicts), in rank order, on every rank."""
+        if not self.on:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.on:

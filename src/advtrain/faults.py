@@ -6,7 +6,8 @@ ADVTRAIN_FAULT holds comma-separated faults `POINT[@MATCH][:N]`: the N-th time (
   train.batch        before each training minibatch                       -> SIGKILL
   train.epoch_end    after an epoch's checkpoint is saved, before it is logged -> SIGKILL
   train.nan          in each optimizer step: the loss is multiplied by NaN
-  evaluate.batch     after each evaluation batch's state is saved          -> SIGKILL
+  evaluate.batch     after each evaluation batch's state is saved (detail: "STAGE I/N", e.g. "apgd-ce 1/3")
+                                                                          -> SIGKILL
   write@NAME         an atomic write of a file called NAME: after the temporary file is complete, before the
                      rename that publishes it                               -> SIGKILL
 

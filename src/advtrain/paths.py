@@ -79,8 +79,10 @@ def run_lock(name: str) -> Path:
     return checkpoint_path(name, "lock").parent / ".lock"
 
 
-def eval_state_path(name: str, key: str) -> Path:
-    return Path(EVAL_STATE.format(name=name, key=key[:16]))
+def eval_state_path(name: str, key: str, rank: int = 0) -> Path:
+    """An evaluation's state; under torchrun each rank keeps its own (rank 0's is one process's file)."""
+    path = Path(EVAL_STATE.format(name=name, key=key[:16]))
+    return path.with_name(f"{path.stem}.rank{rank}.pt") if rank else path
 
 
 def eval_done_path(name: str, key: str) -> Path:

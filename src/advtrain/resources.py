@@ -3,10 +3,11 @@
 The Snakefile's rules take their `resources:` and `threads:` from here (workflow/rules/common.smk), so that the plan
 `snakemake --workflow-profile workflow/profiles/slurm -n` shows and a job then checks for itself come from one rule:
 
-- GPUs. `device: cuda` asks for one per rank (`training.devices`). `device: auto` asks for them when the model is a
-  GPU model (ModelSpec.gpu: every model but the small CNN): a cluster job of a ResNet must not land on a CPU node
-  and run there until its time limit. `device: cpu` asks for none.
-- One node (`nodes=1`): `advtrain train` starts its ranks with `torchrun --standalone`, which uses one machine.
+- GPUs. `device: cuda` asks for one per rank (`training.devices`, `evaluation.devices`). `device: auto` asks for
+  them when the model is a GPU model (ModelSpec.gpu: every model but the small CNN): a cluster job of a ResNet must
+  not land on a CPU node and run there until its time limit. `device: cpu` asks for none.
+- One node (`nodes=1`): `advtrain train` and `advtrain evaluate` start their ranks with `torchrun --standalone`,
+  which uses one machine.
 - CPUs and memory per GPU: data-loading workers and pinned batches per rank; more for a streamed (sharded) source,
   whose workers decode JPEGs, than for one held in memory.
 - `prepare` of a streamed source: a process per CPU, and a runtime from the number of images.

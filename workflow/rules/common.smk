@@ -82,10 +82,10 @@ def run_config(wildcards, teacher=False):
 
 
 def gpus(wildcards, teacher=False, evaluation=False):
-    """GPUs of a training job (one per rank) or an evaluation job."""
+    """GPUs of a training job or an evaluation job: one per rank (training.devices, evaluation.devices)."""
     cfg = run_config(wildcards, teacher)
     if evaluation:
-        return resources.planned_gpus(cfg.evaluation["device"], cfg.model)
+        return resources.planned_gpus(cfg.evaluation["device"], cfg.model, cfg.evaluation["devices"])
     return resources.planned_gpus(cfg.training["device"], cfg.model, cfg.training["devices"])
 
 

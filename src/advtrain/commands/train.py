@@ -3,25 +3,19 @@ train or resume one configuration, then write its model file and metrics JSON, l
 from __future__ import annotations
 
 import dataclasses
-import shlex
-import signal
-import sys
 from pathlib import Path
 
-from .. import resources
+from .. import relaunch, resources
 from ..checkpoint import cpu_state, load_classifier, load_training_state, save_model
 from ..config import Params, RunConfig
 from ..console import claim_log, log
 from ..distributed import World
-from ..errors import UserError
 from ..io import write_json
-from ..launcher import launch
-from ..lazy import torch
 from ..methods import METHODS
 from ..locking import exclusive
 from ..paths import (checkpoint_path, model_path, prepared_dir, run_lock, teacher_metrics_path, teacher_path,
                      train_metrics_path)
-from ..preemption import SIGNALS, Preempted
+from ..preemption import Preempted
 from ..prepared import data_digest, open_split, read_meta
 from ..provenance import versions
 from ..tracking import TrainingTracker, registered_name, run_title, tracking_uri
@@ -29,48 +23,20 @@ from ..trainer import Trainer
 
 
 def relaunch_under_torchrun(cfg: RunConfig, argv: list[str] | None) -> bool:
-    """`training.devices` > 1 outside torchrun: run the same command on that many ranks of this machine under
-    torchrun's launcher (on several nodes, start torchrun yourself: the world is then torchrun's), and say in one
-    line what went wrong if a rank failed. Called before anything is loaded: the ranks load for themselves. Returns
+    """`training.devices` > 1 outside torchrun: train on that many ranks of this machine (relaunch.py). Returns
     whether the ranks ran (and trained: this process has nothing left to do)."""
-    devices, device = cfg.training["devices"], cfg.training["device"]
-    if devices == 1 or World().launched:
-        return False
-    if device != "cpu":
-        visible = torch.cuda.device_count()  # auto with no GPU: gloo ranks on the CPU
-        if (device == "cuda" or visible) and visible < devices:
-            raise UserError(f"training.devices is {devices} but {visible} CUDA GPUs are visible: lower "
-                            "training.devices or expose more GPUs (CUDA_VISIBLE_DEVICES)")
-    argv = sys.argv[1:] if argv is None else argv
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-           "-m", "advtrain", *argv]
-    log(f"[train] training.devices = {devices}: {shlex.join(cmd)}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    failure = launch(devices, argv)
-    if failure is None:
-        return True
-    if failure.message:  # a rank's own one-line error (every rank's, when they all refused alike)
-        raise UserError(failure.message)  # it names the run; which rank said it first is a race among equals
-    state = load_training_state(checkpoint_path(cfg.name, fingerprint(cfg)))
-    done, at = (state["epoch"], state.get("in_epoch")) if state else (0, None)
-    if at:
-        resume = f"the same command resumes in epoch {done + 1} after batch {at['batch']}"
-    elif done:
-        resume = f"the same command resumes after epoch {done}"
-    else:
-        resume = "the same command starts it afresh (no epoch had completed)"
-    stopped_by = -failure.exitcode if failure.rank is None else failure.exitcode - 128
-    if stopped_by in SIGNALS:  # a time limit or preemption: the ranks wrote their checkpoint and stopped
-        log(f"[train] {cfg.name}: {signal.Signals(stopped_by).name} stopped the {devices} ranks; {resume}")
-        raise Preempted(stopped_by, resume)
-    if failure.rank is None:
-        raise UserError(f"{cfg.name}: {failure.signal} stopped the {devices} ranks; {resume}")
-    if failure.traceback:
-        sys.stderr.write(failure.traceback)
-    above = " (its traceback is above)" if failure.exitcode == 1 else ""
-    raise UserError(f"{cfg.name}: rank {failure.rank} of {devices} (pid {failure.pid}) {failure.how}{above}; "
-                    f"{resume}")
+
+    def resume() -> str:
+        state = load_training_state(checkpoint_path(cfg.name, fingerprint(cfg)))
+        done, at = (state["epoch"], state.get("in_epoch")) if state else (0, None)
+        if at:
+            return f"the same command resumes in epoch {done + 1} after batch {at['batch']}"
+        if done:
+            return f"the same command resumes after epoch {done}"
+        return "the same command starts it afresh (no epoch had completed)"
+
+    return relaunch.relaunch_under_torchrun(cfg.name, "training.devices", cfg.training["devices"],
+                                            cfg.training["device"], argv, "train", resume)
 
 
 def on_data(cfg: RunConfig, meta: dict) -> RunConfig:
