@@ -16,6 +16,7 @@ from .distributed import World
 from .errors import UserError
 from .lazy import F, torch
 from .loader import shard_rows
+from .prefetch import prefetched
 from .shards import ShardReader
 
 RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect-ratio range
@@ -85,17 +86,21 @@ def shifted_boxes(hw: torch.Tensor, size: int, pad: int, g: torch.Generator | No
     return box
 
 
-def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int) -> torch.Tensor:
+def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int, uint8: bool = False) -> torch.Tensor:
     """Cut each image (uint8 (C, H, W), each its own size; a list, or a batch tensor) to its box (whole pixels;
     outside the image is zero), resize it to size x size (bilinear, antialiased: torchvision's resize of a tensor),
-    mirror it where `flip`: float [0, 1] (n, C, size, size) on the images' device. A box of the output's size is
-    copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the references' loader
-    is); on CUDA on floats."""
+    mirror it where `flip` (a CPU tensor: each image's flip is decided on the host, so no mask is sent to the device
+    and nothing waits for it): float [0, 1] (n, C, size, size), channels-last, on the images' device. A box of the
+    output's size is copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the
+    references' loader is), and `uint8` returns those pixels as they are (the workers send them so: the float
+    division is the training device's); on CUDA on floats."""
     images = list(images)
     c, device = images[0].shape[0], images[0].device
-    dtype = torch.uint8 if device.type == "cpu" else torch.float32
+    cpu = device.type == "cpu"
+    dtype = torch.uint8 if cpu else torch.float32
     out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
-    for i, (img, (x0, y0, w, h)) in enumerate(zip(images, box.long().tolist())):
+    flips = [False] * len(images) if flip is None else flip.tolist()
+    for i, (img, (x0, y0, w, h), mirror) in enumerate(zip(images, box.long().tolist(), flips)):
         height, width = img.shape[-2:]
         if x0 >= 0 and y0 >= 0 and x0 + w <= width and y0 + h <= height:
             patch = img[:, y0:y0 + h, x0:x0 + w]
@@ -104,14 +109,13 @@ def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int)
             ax, ay, bx, by = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
             if bx > ax and by > ay:
                 patch[:, ay - y0:by - y0, ax - x0:bx - x0] = img[:, ay:by, ax:bx]
-        # channels-last: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
-        patch = patch[None].to(dtype).contiguous(memory_format=torch.channels_last)
         if (h, w) != (size, size):
-            patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = patch[0]
-    if flip is not None and bool(flip.any()):
-        flip = flip.to(out.device)
-        out[flip] = out[flip].flip(3)
+            # channels-last: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
+            patch = patch[None].to(dtype).contiguous(memory_format=torch.channels_last)
+            patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[i] = patch.flip(2) if mirror else patch
+    if uint8 and cpu:
+        return out
     return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
 
 
@@ -156,10 +160,9 @@ class _Batches:
                 offsets.append(offsets[-1] + img.numel())
             return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x]), offsets, k
         if self.stage == "augmented":
-            x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size)
-            # on the CPU crop_resize resizes uint8 pixels: its floats are whole multiples of 1/255, so uint8 holds
-            # them exactly in a quarter of the bytes
-            x = x.mul_(255).round_().to(torch.uint8)
+            # uint8: a quarter of float32's bytes to send, and the worker spends no time on a float conversion
+            x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size,
+                            uint8=True)
         return x, None, k
 
 
@@ -222,10 +225,9 @@ class StreamLoader:
     def __iter__(self):
         return self.batches()
 
-    def batches(self, start: int = 0):
-        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
-        whole epoch leaves it), the first `start` batches are neither read nor yielded (a checkpoint inside an epoch
-        resumes so)."""
+    def _epoch(self, start: int):
+        """The epoch's draws (plan) and each batch's slice of them (this rank's part); the workers' plan is set to
+        batches `start` on."""
         order, box, flips = self.plan()
         n = len(order)
         parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
@@ -233,21 +235,49 @@ class StreamLoader:
         self._plan.items = [(k, self.rows[order[p]].numpy(), box[p].numpy() if augmented else None,
                              flips[p].numpy() if augmented and flips is not None else None)
                             for k, p in enumerate(parts) if k >= start]
-        for data, offsets, k in self._dataloader():
+        return order, box, flips, parts
+
+    def batches(self, start: int = 0):
+        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
+        whole epoch leaves it), the first `start` batches are neither read nor yielded (a checkpoint inside an epoch
+        resumes so)."""
+        order, box, flips, parts = self._epoch(start)
+        augmented = self.stage == "augmented"
+        cuda = self.device.type == "cuda"
+
+        def finish(batch):
+            """A worker's batch -> (float images, labels) on the device: on CUDA queued on prefetched's side
+            stream while the training stream runs the step before. Every host->device copy is from pinned memory
+            and non-blocking: a blocking one would wait for the stream's queued work."""
+            data, offsets, k = batch
             p = parts[k]
+            labels = self.labels[order[p]]
+            if cuda:
+                labels = labels.pin_memory()
+            labels = labels.to(self.device, non_blocking=True)
             if self.stage == "bytes":
                 x = self._decode_on_gpu(data, offsets)
             elif self.stage == "decoded":
                 data = data.to(self.device, non_blocking=True)
                 hw = self.reader.hw[self.rows[order[p]]].tolist()
                 x = [data[a:b].view(h, w, 3).permute(2, 0, 1) for a, b, (h, w) in zip(offsets, offsets[1:], hw)]
-            else:
-                x = data.to(self.device, non_blocking=True)
-            if augmented:
-                x = x.float().div_(255)
-            else:
+            else:  # the workers' uint8 crops, made float on the training device
+                x = data.to(self.device, non_blocking=True).float().div_(255)
+            if not augmented:
                 x = crop_resize(x, box[p], None if flips is None else flips[p], self.size)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[order[p]].to(self.device)
+            return x.contiguous(memory_format=self.memory_format), labels
+
+        yield from prefetched(self._dataloader(), finish, self.device)
+
+    def uint8_batches(self, start: int = 0):
+        """What crosses from the workers on the CPU path (stage "augmented"): each batch's uint8 crops (B, 3, size,
+        size), channels-last, as the workers send them, and the batch's number: batches(start) without the float
+        conversion (the loader benchmark times both)."""
+        if self.stage != "augmented":
+            raise ValueError("uint8_batches: the workers crop only when training on the CPU")
+        order, _, _, parts = self._epoch(start)
+        for data, _, k in self._dataloader():
+            yield data, self.labels[order[parts[k]]]
 
     def _dataloader(self):
         if self._loader is None:
