@@ -86,19 +86,21 @@ def shifted_boxes(hw: torch.Tensor, size: int, pad: int, g: torch.Generator | No
     return box
 
 
-def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int, uint8: bool = False) -> torch.Tensor:
+def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int, uint8: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Cut each image (uint8 (C, H, W), each its own size; a list, or a batch tensor) to its box (whole pixels;
     outside the image is zero), resize it to size x size (bilinear, antialiased: torchvision's resize of a tensor),
     mirror it where `flip` (a CPU tensor: each image's flip is decided on the host, so no mask is sent to the device
     and nothing waits for it): float [0, 1] (n, C, size, size), channels-last, on the images' device. A box of the
     output's size is copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the
     references' loader is), and `uint8` returns those pixels as they are (the workers send them so: the float
-    division is the training device's); on CUDA on floats."""
+    division is the training device's), in `out` if given (uint8, channels-last); on CUDA on floats."""
     images = list(images)
     c, device = images[0].shape[0], images[0].device
     cpu = device.type == "cpu"
     dtype = torch.uint8 if cpu else torch.float32
-    out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
+    if out is None or not (uint8 and cpu):
+        out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
     flips = [False] * len(images) if flip is None else flip.tolist()
     for i, (img, (x0, y0, w, h), mirror) in enumerate(zip(images, box.long().tolist(), flips)):
         height, width = img.shape[-2:]
@@ -158,12 +160,21 @@ class _Batches:
             offsets = [0]
             for img in x:
                 offsets.append(offsets[-1] + img.numel())
-            return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x]), offsets, k
+            return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x], out=_shared((offsets[-1],))), offsets, k
         if self.stage == "augmented":
             # uint8: a quarter of float32's bytes to send, and the worker spends no time on a float conversion
             x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size,
-                            uint8=True)
+                            uint8=True, out=_shared((len(x), 3, self.size, self.size)))
         return x, None, k
+
+
+def _shared(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor (channels-last when 4-D) in shared memory from the start, as torch's default
+    collate makes its batches in a worker: sent to the training process, it is passed by its descriptor and not first
+    copied into shared memory (a 64-image 224 px batch: about 2 ms of the worker's ~45)."""
+    n = math.prod(shape)
+    x = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n), 0, (n,))
+    return x.view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2) if len(shape) == 4 else x
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -205,6 +216,7 @@ class StreamLoader:
         self._plan = _Plan()
         self._loader = None  # the DataLoader, made at the first epoch
         self._decode_stream = None  # where the GPU decode's outputs are allocated (see _decode_on_gpu)
+        self.ahead = None  # prefetched's look-ahead: on CUDA (None); True runs its order on the CPU too (tests)
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -267,7 +279,7 @@ class StreamLoader:
                 x = crop_resize(x, box[p], None if flips is None else flips[p], self.size)
             return x.contiguous(memory_format=self.memory_format), labels
 
-        yield from prefetched(self._dataloader(), finish, self.device)
+        yield from prefetched(self._dataloader(), finish, self.device, self.ahead)
 
     def uint8_batches(self, start: int = 0):
         """What crosses from the workers on the CPU path (stage "augmented"): each batch's uint8 crops (B, 3, size,
