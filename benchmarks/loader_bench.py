@@ -7,14 +7,22 @@
    drawn from 300-500 x 250-500 pixels, quality 90, textured content: see `photo`), or reads --folder.
 2. `prepare`s them with the imagefolder source (size 224, stored at shorter side 256, JPEG quality 90, or --encoding
    raw), timed: that is the one-off cost per image, and the shards' size is the disk cost.
-3. Times, for --batches batches of --batch-size after --warmup batches:
-   REFERENCE  torchvision.datasets.ImageFolder + transforms (RandomResizedCrop(224), RandomHorizontalFlip,
-              ToTensor) + torch.utils.data.DataLoader(shuffle, --workers workers, pinned memory on CUDA), each
-              batch moved to --device: the loader of FREE's, fast AT's and DEAT's ImageNet code;
-   OURS       advtrain's StreamLoader on the prepared shards: --workers DataLoader workers read and decode
-              (torchvision.io.decode_jpeg; on CUDA the GPU decodes), random-resized crop and flip on --device
-              (on the CPU: in the workers), batches channels-last as the trainer asks for them.
-   Both deliver float [0, 1] batches of (B, 3, 224, 224) on --device; images/s counts delivered images.
+3. Makes each loader once (persistent workers in both) and times them in --rounds alternated rounds (the order
+   rotating), each round --batches batches of --batch-size after --warmup untimed ones (an idle loader's workers
+   have filled its queue meanwhile):
+   reference   torchvision.datasets.ImageFolder + transforms (RandomResizedCrop(224), RandomHorizontalFlip,
+               ToTensor) + torch.utils.data.DataLoader(shuffle, --workers workers, pinned memory on CUDA), each
+               batch moved to --device: the loader of FREE's, fast AT's and DEAT's ImageNet code. Its workers
+               decode with PIL, crop, resize, flip and convert to float; each batch crosses as float32.
+   ours        advtrain's StreamLoader.batches on the prepared shards, what the trainer takes: float [0, 1]
+               channels-last batches on --device. --workers DataLoader workers read and decode
+               (torchvision.io.decode_jpeg; on CUDA the GPU decodes), crop, resize and flip (on CUDA the device
+               does) and send uint8; the training process converts to float on the device (on CUDA a batch ahead,
+               on a side stream).
+   ours_uint8  (CPU only) the same stream as the workers deliver it, before the float conversion
+               (StreamLoader.uint8_batches): on a GPU the conversion runs on the device, off the host.
+   images/s counts delivered images; the ratios are the median over rounds of ours / reference in the same round.
+   The process takes the trainer's malloc settings (trainer.keep_freed_memory), which its workers inherit.
 Files are read from the page cache in both (the folder was just written or read), so disk speed is not measured."""
 from __future__ import annotations
 
@@ -178,14 +186,13 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()) + " images/s  "
                   f"(load average {os.getloadavg()[0]:.2f})", flush=True)
         median = {k: statistics.median(v) for k, v in rates.items()}
-        ratios = {k: statistics.median(a / b for a, b in zip(v, rates["reference"]))
-                  for k, v in rates.items() if k != "reference"}
+        per_round = {k: [a / b for a, b in zip(v, rates["reference"])] for k, v in rates.items() if k != "reference"}
+        ratios = {k: statistics.median(v) for k, v in per_round.items()}
         for k in names:
+            than = (f"; / reference: median {ratios[k]:.2f}x (rounds {min(per_round[k]):.2f}-{max(per_round[k]):.2f}x)"
+                    if k in ratios else "")
             print(f"{k:>10}: median {median[k]:6.0f} images/s over {args.rounds} rounds of {args.batches} batches of "
-                  f"{args.batch_size} ({args.workers} workers, {device})" +
-                  (f"; / reference: median {ratios[k]:.2f}x (per round {min(a / b for a, b in zip(rates[k], rates['reference'])):.2f}-"
-                   f"{max(a / b for a, b in zip(rates[k], rates['reference'])):.2f}x)" if k in ratios else ""),
-                  flush=True)
+                  f"{args.batch_size} ({args.workers} workers, {device}){than}", flush=True)
         result = {"images": n, "workers": args.workers, "batch_size": args.batch_size, "device": str(device),
                   "encoding": args.encoding, "rounds": args.rounds, "batches": args.batches,
                   "prepare_seconds": prep_s, "source_kb_per_image": raw_bytes / n / 1e3,

@@ -4,8 +4,10 @@ resized and flipped on the training device (on the CPU, in the workers).
 Per epoch, the main process draws the order and every image's crop box and flip from the loader's own generator
 (so the stream is a function of the seed, and a resumed run replays it) and hands the plan to the workers, which
 persist across epochs; workers only read and decode (and, training on the CPU, crop). Each batch crosses from a
-worker as one uint8 tensor. Under data parallelism each rank reads and decodes only its part of every global batch.
-On CUDA the JPEG decode can run on the GPU (`decode: cuda`): the workers then only read bytes."""
+worker as one uint8 tensor, made in shared memory. The training process turns it into the float batch the trainer
+takes, on the training device; on CUDA one batch ahead, on a side stream while the step before runs (prefetch.py).
+Under data parallelism each rank reads and decodes only its part of every global batch. On CUDA the JPEG decode can
+run on the GPU (`decode: cuda`): the workers then only read bytes."""
 from __future__ import annotations
 
 import math
@@ -141,10 +143,10 @@ class _Batches:
     batch k's stored images and, for the "augmented" stage, their crop boxes and flips, as numpy arrays (pickled by
     value; a tensor would cross as its own piece of shared memory, a descriptor each). By `stage` it returns
     ("bytes": the GPU decodes) the images' stored bytes in one buffer and their offsets, ("decoded": the device
-    crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or ("augmented": training on the CPU, where the workers crop too, so the work spreads
-    over them) the cropped, resized, flipped images as uint8: each batch crosses to the training process as one
-    tensor. It holds the reader of the training process: a forked worker shares its index, loaded and checked
-    once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
+    crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or
+    ("augmented": training on the CPU, where the workers crop too, so the work spreads over them) the cropped,
+    resized, flipped images as uint8: each batch crosses to the training process as one tensor. It holds the
+    reader of the training process: a forked worker shares its index, loaded and checked once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
     (which adds only `+`), as a base class would load torch when this module is imported."""
 
     def __init__(self, reader: ShardReader, stage: str, size: int):
@@ -194,8 +196,8 @@ class StreamLoader:
 
     The DataLoader and its workers are made at the first epoch and kept for the next ones (persistent workers);
     each epoch's plan reaches them through the sampler. Images come to the training process as uint8 and become
-    float on the training device. One epoch is read at a time: starting another abandons what is left of the
-    last."""
+    float on the training device (on CUDA a batch ahead, on a side stream: prefetch.prefetched). One epoch is read
+    at a time: starting another abandons what is left of the last."""
 
     def __init__(self, reader: ShardReader, rows: torch.Tensor, batch_size: int, device: torch.device | str,
                  size: int, augment: dict, seed: int = 0, channels_last: bool = False, workers: int = 2,
@@ -283,8 +285,8 @@ class StreamLoader:
 
     def uint8_batches(self, start: int = 0):
         """What crosses from the workers on the CPU path (stage "augmented"): each batch's uint8 crops (B, 3, size,
-        size), channels-last, as the workers send them, and the batch's number: batches(start) without the float
-        conversion (the loader benchmark times both)."""
+        size), channels-last, as the workers send them, with their labels: batches(start) before the float conversion
+        (the loader benchmark times both)."""
         if self.stage != "augmented":
             raise ValueError("uint8_batches: the workers crop only when training on the CPU")
         order, _, _, parts = self._epoch(start)
@@ -308,12 +310,13 @@ class StreamLoader:
         buffer, image j at offsets[j]:offsets[j + 1]).
 
         torchvision's CUDA decode_jpeg allocates its outputs on the caller's current stream but writes them from a
-        stream of its own, which waits for nothing queued on the caller's. Allocated on the training stream, an
-        output could be memory the caching allocator has just taken back from a tensor that kernels still queued
-        there read, and the decoder would overwrite it under them. So it runs with a side stream current: its
-        outputs come from the side stream's pool, which holds nothing but decoder outputs, each reused only after
-        the training stream's work on it is done (record_stream). The training stream waits for the side stream,
-        which torchvision has made wait for its decoder."""
+        stream of its own, which waits for nothing queued on the caller's. Allocated on the calling stream (the
+        prefetch's side stream, where the crops run), an output could be memory the caching allocator has just
+        taken back from a tensor that kernels still queued there read, and the decoder would overwrite it under
+        them. So it runs with a stream of its own current: its outputs come from that stream's pool, which holds
+        nothing but decoder outputs, each reused only after the calling stream's work on it is done
+        (record_stream). The calling stream waits for the decode stream, which torchvision has made wait for its
+        decoder."""
         from torchvision.io import decode_jpeg
 
         views = [data[a:b] for a, b in zip(offsets, offsets[1:])]
