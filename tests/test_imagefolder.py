@@ -15,6 +15,7 @@ from advtrain.loader import DeviceLoader
 from advtrain.models import build_model
 from advtrain.prepared import load_split, open_split, prepare
 from advtrain.sources import SOURCES
+from advtrain.prefetch import prefetched
 from advtrain.stream import StreamLoader, crop_resize, resized_crop_boxes
 from conftest import BIN, ROOT, deep_update, make_project, run
 from imagefolder_data import make_image_folder
@@ -119,6 +120,43 @@ def test_the_device_cropping_path_gives_the_workers_batches(shards):
         device_side.stage = "decoded"
         for (a, y), (b, z) in zip(plain, device_side):
             assert torch.equal(a, b) and torch.equal(y, z)
+
+
+def test_prefetched_finishes_one_batch_ahead_in_order():
+    """The look-ahead order CUDA runs (finish(i + 1) is queued before batch i is handed over), run on the CPU: every
+    batch once, in order, each finished before the one before it is handed over."""
+    calls = []
+
+    def finish(i):
+        calls.append(("finish", i))
+        return i, -i
+
+    out = []
+    for batch in prefetched(range(5), finish, torch.device("cpu"), ahead=True):
+        calls.append(("yield", batch[0]))
+        out.append(batch)
+    assert out == [(i, -i) for i in range(5)]
+    assert calls.index(("finish", 3)) < calls.index(("yield", 2)) < calls.index(("finish", 4))
+    assert list(prefetched(range(3), finish, torch.device("cpu"))) == [(0, 0), (1, -1), (2, -2)]
+    assert list(prefetched([], finish, torch.device("cpu"), ahead=True)) == []
+
+
+def test_the_prefetched_stream_and_the_workers_uint8_are_the_same_batches(shards):
+    """With the look-ahead on, a loader yields the same stream, resumes at a batch, and leaves its generator as
+    without; what its workers send (uint8_batches) is that stream before the float conversion."""
+    plain = [(x.clone(), y.clone()) for x, y in stream(shards, workers=2)]
+    ahead = stream(shards, workers=2)
+    ahead.ahead = True
+    start = ahead.generator.get_state()
+    assert all(torch.equal(a, c) and torch.equal(y, z) for (a, y), (c, z) in zip(plain, ahead, strict=True))
+    end = ahead.generator.get_state()
+    ahead.generator.set_state(start)
+    assert all(torch.equal(a, c) for (a, _), (c, _) in zip(plain[3:], ahead.batches(3), strict=True))
+    assert torch.equal(ahead.generator.get_state(), end)
+    raw = stream(shards, workers=2)
+    for (a, y), (u, z) in zip(plain, raw.uint8_batches(), strict=True):
+        assert u.dtype == torch.uint8 and u.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, u.float() / 255) and torch.equal(y, z)
 
 
 def test_an_epoch_resumed_at_a_batch_is_the_rest_of_the_same_epoch(shards):

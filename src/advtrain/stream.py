@@ -4,8 +4,10 @@ resized and flipped on the training device (on the CPU, in the workers).
 Per epoch, the main process draws the order and every image's crop box and flip from the loader's own generator
 (so the stream is a function of the seed, and a resumed run replays it) and hands the plan to the workers, which
 persist across epochs; workers only read and decode (and, training on the CPU, crop). Each batch crosses from a
-worker as one uint8 tensor. Under data parallelism each rank reads and decodes only its part of every global batch.
-On CUDA the JPEG decode can run on the GPU (`decode: cuda`): the workers then only read bytes."""
+worker as one uint8 tensor, made in shared memory. The training process turns it into the float batch the trainer
+takes, on the training device; on CUDA one batch ahead, on a side stream while the step before runs (prefetch.py).
+Under data parallelism each rank reads and decodes only its part of every global batch. On CUDA the JPEG decode can
+run on the GPU (`decode: cuda`): the workers then only read bytes."""
 from __future__ import annotations
 
 import math
@@ -16,6 +18,7 @@ from .distributed import World
 from .errors import UserError
 from .lazy import F, torch
 from .loader import shard_rows
+from .prefetch import prefetched
 from .shards import ShardReader
 
 RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop aspect-ratio range
@@ -85,17 +88,23 @@ def shifted_boxes(hw: torch.Tensor, size: int, pad: int, g: torch.Generator | No
     return box
 
 
-def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int) -> torch.Tensor:
+def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int, uint8: bool = False,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Cut each image (uint8 (C, H, W), each its own size; a list, or a batch tensor) to its box (whole pixels;
     outside the image is zero), resize it to size x size (bilinear, antialiased: torchvision's resize of a tensor),
-    mirror it where `flip`: float [0, 1] (n, C, size, size) on the images' device. A box of the output's size is
-    copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the references' loader
-    is); on CUDA on floats."""
+    mirror it where `flip` (a CPU tensor: each image's flip is decided on the host, so no mask is sent to the device
+    and nothing waits for it): float [0, 1] (n, C, size, size), channels-last, on the images' device. A box of the
+    output's size is copied exactly. On the CPU the resize runs on uint8 pixels (rounded, as PIL's resize of the
+    references' loader is), and `uint8` returns those pixels as they are (the workers send them so: the float
+    division is the training device's), in `out` if given (uint8, channels-last); on CUDA on floats."""
     images = list(images)
     c, device = images[0].shape[0], images[0].device
-    dtype = torch.uint8 if device.type == "cpu" else torch.float32
-    out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
-    for i, (img, (x0, y0, w, h)) in enumerate(zip(images, box.long().tolist())):
+    cpu = device.type == "cpu"
+    dtype = torch.uint8 if cpu else torch.float32
+    if out is None or not (uint8 and cpu):
+        out = torch.empty((len(images), c, size, size), dtype=dtype, device=device, memory_format=torch.channels_last)
+    flips = [False] * len(images) if flip is None else flip.tolist()
+    for i, (img, (x0, y0, w, h), mirror) in enumerate(zip(images, box.long().tolist(), flips)):
         height, width = img.shape[-2:]
         if x0 >= 0 and y0 >= 0 and x0 + w <= width and y0 + h <= height:
             patch = img[:, y0:y0 + h, x0:x0 + w]
@@ -104,14 +113,13 @@ def crop_resize(images, box: torch.Tensor, flip: torch.Tensor | None, size: int)
             ax, ay, bx, by = max(x0, 0), max(y0, 0), min(x0 + w, width), min(y0 + h, height)
             if bx > ax and by > ay:
                 patch[:, ay - y0:by - y0, ax - x0:bx - x0] = img[:, ay:by, ax:bx]
-        # channels-last: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
-        patch = patch[None].to(dtype).contiguous(memory_format=torch.channels_last)
         if (h, w) != (size, size):
-            patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = patch[0]
-    if flip is not None and bool(flip.any()):
-        flip = flip.to(out.device)
-        out[flip] = out[flip].flip(3)
+            # channels-last: decode_jpeg gives HWC pixels, and the uint8 resize kernels are fastest on them
+            patch = patch[None].to(dtype).contiguous(memory_format=torch.channels_last)
+            patch = F.interpolate(patch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[i] = patch.flip(2) if mirror else patch
+    if uint8 and cpu:
+        return out
     return out.float().div_(255) if out.dtype == torch.uint8 else out.div_(255)
 
 
@@ -135,10 +143,10 @@ class _Batches:
     batch k's stored images and, for the "augmented" stage, their crop boxes and flips, as numpy arrays (pickled by
     value; a tensor would cross as its own piece of shared memory, a descriptor each). By `stage` it returns
     ("bytes": the GPU decodes) the images' stored bytes in one buffer and their offsets, ("decoded": the device
-    crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or ("augmented": training on the CPU, where the workers crop too, so the work spreads
-    over them) the cropped, resized, flipped images as uint8: each batch crosses to the training process as one
-    tensor. It holds the reader of the training process: a forked worker shares its index, loaded and checked
-    once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
+    crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or
+    ("augmented": training on the CPU, where the workers crop too, so the work spreads over them) the cropped,
+    resized, flipped images as uint8: each batch crosses to the training process as one tensor. It holds the
+    reader of the training process: a forked worker shares its index, loaded and checked once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
     (which adds only `+`), as a base class would load torch when this module is imported."""
 
     def __init__(self, reader: ShardReader, stage: str, size: int):
@@ -154,13 +162,21 @@ class _Batches:
             offsets = [0]
             for img in x:
                 offsets.append(offsets[-1] + img.numel())
-            return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x]), offsets, k
+            return torch.cat([img.permute(1, 2, 0).reshape(-1) for img in x], out=_shared((offsets[-1],))), offsets, k
         if self.stage == "augmented":
-            x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size)
-            # on the CPU crop_resize resizes uint8 pixels: its floats are whole multiples of 1/255, so uint8 holds
-            # them exactly in a quarter of the bytes
-            x = x.mul_(255).round_().to(torch.uint8)
+            # uint8: a quarter of float32's bytes to send, and the worker spends no time on a float conversion
+            x = crop_resize(x, torch.from_numpy(box), None if flip is None else torch.from_numpy(flip), self.size,
+                            uint8=True, out=_shared((len(x), 3, self.size, self.size)))
         return x, None, k
+
+
+def _shared(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor (channels-last when 4-D) in shared memory from the start, as torch's default
+    collate makes its batches in a worker: sent to the training process, it is passed by its descriptor and not first
+    copied into shared memory (a 64-image 224 px batch: about 2 ms of the worker's ~45)."""
+    n = math.prod(shape)
+    x = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n), 0, (n,))
+    return x.view(shape[0], *shape[2:], shape[1]).permute(0, 3, 1, 2) if len(shape) == 4 else x
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -180,8 +196,8 @@ class StreamLoader:
 
     The DataLoader and its workers are made at the first epoch and kept for the next ones (persistent workers);
     each epoch's plan reaches them through the sampler. Images come to the training process as uint8 and become
-    float on the training device. One epoch is read at a time: starting another abandons what is left of the
-    last."""
+    float on the training device (on CUDA a batch ahead, on a side stream: prefetch.prefetched). One epoch is read
+    at a time: starting another abandons what is left of the last."""
 
     def __init__(self, reader: ShardReader, rows: torch.Tensor, batch_size: int, device: torch.device | str,
                  size: int, augment: dict, seed: int = 0, channels_last: bool = False, workers: int = 2,
@@ -202,6 +218,7 @@ class StreamLoader:
         self._plan = _Plan()
         self._loader = None  # the DataLoader, made at the first epoch
         self._decode_stream = None  # where the GPU decode's outputs are allocated (see _decode_on_gpu)
+        self.ahead = None  # prefetched's look-ahead: on CUDA (None); True runs its order on the CPU too (tests)
 
     def __len__(self) -> int:
         return math.ceil(len(self.rows) / self.batch_size)
@@ -222,10 +239,9 @@ class StreamLoader:
     def __iter__(self):
         return self.batches()
 
-    def batches(self, start: int = 0):
-        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
-        whole epoch leaves it), the first `start` batches are neither read nor yielded (a checkpoint inside an epoch
-        resumes so)."""
+    def _epoch(self, start: int):
+        """The epoch's draws (plan) and each batch's slice of them (this rank's part); the workers' plan is set to
+        batches `start` on."""
         order, box, flips = self.plan()
         n = len(order)
         parts = [shard_rows(slice(s, min(s + self.batch_size, n)), self.shard) for s in range(0, n, self.batch_size)]
@@ -233,21 +249,49 @@ class StreamLoader:
         self._plan.items = [(k, self.rows[order[p]].numpy(), box[p].numpy() if augmented else None,
                              flips[p].numpy() if augmented and flips is not None else None)
                             for k, p in enumerate(parts) if k >= start]
-        for data, offsets, k in self._dataloader():
+        return order, box, flips, parts
+
+    def batches(self, start: int = 0):
+        """The epoch's batches from batch `start` on: the epoch's draws are all made (the generator ends where a
+        whole epoch leaves it), the first `start` batches are neither read nor yielded (a checkpoint inside an epoch
+        resumes so)."""
+        order, box, flips, parts = self._epoch(start)
+        augmented = self.stage == "augmented"
+        cuda = self.device.type == "cuda"
+
+        def finish(batch):
+            """A worker's batch -> (float images, labels) on the device: on CUDA queued on prefetched's side
+            stream while the training stream runs the step before. Every host->device copy is from pinned memory
+            and non-blocking: a blocking one would wait for the stream's queued work."""
+            data, offsets, k = batch
             p = parts[k]
+            labels = self.labels[order[p]]
+            if cuda:
+                labels = labels.pin_memory()
+            labels = labels.to(self.device, non_blocking=True)
             if self.stage == "bytes":
                 x = self._decode_on_gpu(data, offsets)
             elif self.stage == "decoded":
                 data = data.to(self.device, non_blocking=True)
                 hw = self.reader.hw[self.rows[order[p]]].tolist()
                 x = [data[a:b].view(h, w, 3).permute(2, 0, 1) for a, b, (h, w) in zip(offsets, offsets[1:], hw)]
-            else:
-                x = data.to(self.device, non_blocking=True)
-            if augmented:
-                x = x.float().div_(255)
-            else:
+            else:  # the workers' uint8 crops, made float on the training device
+                x = data.to(self.device, non_blocking=True).float().div_(255)
+            if not augmented:
                 x = crop_resize(x, box[p], None if flips is None else flips[p], self.size)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[order[p]].to(self.device)
+            return x.contiguous(memory_format=self.memory_format), labels
+
+        yield from prefetched(self._dataloader(), finish, self.device, self.ahead)
+
+    def uint8_batches(self, start: int = 0):
+        """What crosses from the workers on the CPU path (stage "augmented"): each batch's uint8 crops (B, 3, size,
+        size), channels-last, as the workers send them, with their labels: batches(start) before the float conversion
+        (the loader benchmark times both)."""
+        if self.stage != "augmented":
+            raise ValueError("uint8_batches: the workers crop only when training on the CPU")
+        order, _, _, parts = self._epoch(start)
+        for data, _, k in self._dataloader():
+            yield data, self.labels[order[parts[k]]]
 
     def _dataloader(self):
         if self._loader is None:
@@ -266,12 +310,13 @@ class StreamLoader:
         buffer, image j at offsets[j]:offsets[j + 1]).
 
         torchvision's CUDA decode_jpeg allocates its outputs on the caller's current stream but writes them from a
-        stream of its own, which waits for nothing queued on the caller's. Allocated on the training stream, an
-        output could be memory the caching allocator has just taken back from a tensor that kernels still queued
-        there read, and the decoder would overwrite it under them. So it runs with a side stream current: its
-        outputs come from the side stream's pool, which holds nothing but decoder outputs, each reused only after
-        the training stream's work on it is done (record_stream). The training stream waits for the side stream,
-        which torchvision has made wait for its decoder."""
+        stream of its own, which waits for nothing queued on the caller's. Allocated on the calling stream (the
+        prefetch's side stream, where the crops run), an output could be memory the caching allocator has just
+        taken back from a tensor that kernels still queued there read, and the decoder would overwrite it under
+        them. So it runs with a stream of its own current: its outputs come from that stream's pool, which holds
+        nothing but decoder outputs, each reused only after the calling stream's work on it is done
+        (record_stream). The calling stream waits for the decode stream, which torchvision has made wait for its
+        decoder."""
         from torchvision.io import decode_jpeg
 
         views = [data[a:b] for a, b in zip(offsets, offsets[1:])]
