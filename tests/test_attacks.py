@@ -44,3 +44,41 @@ def test_margin_pgd_and_worst_case_over_restarts():
     fooled = ~robust3
     assert (model(x_worst[fooled]).argmax(1) != y[fooled]).all(), "kept worst cases really fool the model"
     assert (x_worst - x).abs().max() <= 0.1 + 1e-6
+
+
+def test_pgd_under_autocast_casts_each_weight_once_and_matches_per_step_autocast():
+    """Under bf16 autocast, PGD keeps one autocast region over its K forwards, so autocast's cache casts each weight
+    once per attack, not once per step; the result equals K forwards each in their own region (the weights do not
+    change during the attack). The casts are observed at the dispatcher, on the real model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from advtrain.attacks import ball
+
+    model, x, y = _model_and_batch()
+    weights = {p.data_ptr() for p in model.parameters()}
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+
+    class WeightCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                WeightCasts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    noise = torch.rand_like(x)
+    for steps in (1, 5):
+        WeightCasts.n = 0
+        with WeightCasts():
+            x_adv = pgd(model, x, y, 0.1, 0.025, steps, autocast=autocast, noise=noise)
+        assert WeightCasts.n == len(weights), (steps, WeightCasts.n)
+
+    threat = ball("Linf", 0.1)  # the same K steps, each forward in its own autocast region
+    x_ref = threat.start(x, noise)
+    for _ in range(5):
+        x_ref.requires_grad_(True)
+        with autocast():
+            logits = model(x_ref)
+        grad, = torch.autograd.grad(F.cross_entropy(logits.float(), y), x_ref)
+        x_ref = threat.project(threat.ascend(x_ref.detach(), grad, 0.025), x)
+    assert torch.equal(x_adv, x_ref)

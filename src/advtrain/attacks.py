@@ -107,12 +107,18 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     loss_fn = LOSSES[loss]
     x = x.detach()
     x_adv = threat.start(x, noise) if random_start else x.clone()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        with autocast():
+    # One autocast region around all K forwards: autocast caches its casts of the weights (leaves that require
+    # grad) until its outermost region ends, so each weight is cast to bf16 once per attack instead of once per step;
+    # the weights do not change during the attack, so the forwards compute what per-step regions compute. The
+    # backward and the step run with autocast off, as they did outside the per-step regions (an inner region that
+    # is off keeps the cache).
+    with autocast():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
             logits = model(x_adv)
-        grad, = torch.autograd.grad(loss_fn(logits.float(), y), x_adv)
-        x_adv = threat.project(threat.ascend(x_adv.detach(), grad, alpha), x)
+            with torch.autocast(x.device.type, enabled=False):
+                grad, = torch.autograd.grad(loss_fn(logits.float(), y), x_adv)
+                x_adv = threat.project(threat.ascend(x_adv.detach(), grad, alpha), x)
     return x_adv.detach()
 
 
