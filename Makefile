@@ -5,9 +5,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 CORES ?= 2
-# One pytest-xdist worker more than cores: the suite's tests wait on SLURM (a train job slowed past its time limit,
-# status polls) and on processes starting, and a third worker fills those waits (docs/benchmarks.md, "The suite").
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 .PHONY: demo test setup data browser slurm clean
 
@@ -48,7 +45,7 @@ demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --printshellcmds
 
 test: setup browser slurm
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30 tests
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=30 tests
 
 clean:
 	rm -rf data/prepared models metrics results reports checkpoints mlruns mlruns.db .snakemake
