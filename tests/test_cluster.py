@@ -165,9 +165,9 @@ def test_the_tiny_workflow_runs_on_slurm_and_gives_the_local_result(cluster, sna
 def test_a_train_job_past_its_time_limit_is_resubmitted_and_ends_as_an_uninterrupted_run(cluster, snakemake_project,
                                                                                           tmp_path):
     """SLURM's own time limit: train's runtime is 1 minute and its training takes about three (each minibatch made
-    slow by a sleep, so the CPU stays free; no early --signal, which a 1-minute job would get at once). SLURM kills the job at its limit, the SIGTERM makes it checkpoint at
-    the next minibatch, Snakemake's retries submit it again, and it resumes there; the weights equal the local,
-    uninterrupted run's."""
+    slow by a sleep, so the CPU stays free; no early --signal, which a 1-minute job would get at once). SLURM kills
+    the job at its limit, the SIGTERM makes it checkpoint at the next minibatch, Snakemake's retries submit it again,
+    and it resumes there; the weights equal the local, uninterrupted run's."""
     proj = make_project(tmp_path / "limit")
     target = "models/pgd_fashionmnist_seed0.pt"
     e = {**cluster["env"], "ADVTRAIN_DELAY": "train.batch=1.5"}  # 114 minibatches: ~170 s of training

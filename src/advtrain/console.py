@@ -10,21 +10,20 @@ from .launcher import in_rank, report_in_rank, traceback_in_rank
 
 
 def error(msg: str) -> None:
-    """A command's one-line error, `error: MSG` on stderr; in a rank of `advtrain train`'s launcher it is handed to
-    the launcher instead, which prints it once for all the ranks (launcher.py)."""
+    """A command's one-line error, `error: MSG` on stderr; in a rank of the launcher (`advtrain train` or `evaluate`
+    on several devices) it is handed to the launcher instead, which prints it once for all the ranks (launcher.py)."""
     if not report_in_rank(msg):
         print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
 def crashed(text: str) -> bool:
-    """An unexpected exception's traceback: in a rank of `advtrain train`'s launcher it is handed to the launcher,
-    which prints it only when that rank's failure is the one to report (True); elsewhere False, for the caller to
-    raise as usual."""
+    """An unexpected exception's traceback: in a rank of the launcher it is handed to the launcher, which prints it
+    only when that rank's failure is the one to report (True); elsewhere False, for the caller to raise as usual."""
     return traceback_in_rank(text)
 
 
 def interrupted() -> None:
-    """Ctrl-C's one word; a rank of `advtrain train`'s launcher leaves it to the launcher, which says it once."""
+    """Ctrl-C's one word; a rank of the launcher leaves it to the launcher, which says it once."""
     if not in_rank():
         print("interrupted", file=sys.stderr, flush=True)
 

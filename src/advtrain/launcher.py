@@ -1,6 +1,6 @@
-"""The ranks of `training.devices` on this machine: torchrun's own launcher (torch.distributed.run, `--standalone`),
-run inside this process instead of replacing it, so that a failed rank is reported in one line of ours instead of
-torchrun's ChildFailedError block.
+"""The ranks of `training.devices` or `evaluation.devices` on this machine (relaunch.py): torchrun's own launcher
+(torch.distributed.run, `--standalone`), run inside this process instead of replacing it, so that a failed rank is
+reported in one line of ours instead of torchrun's ChildFailedError block.
 
 The ranks inherit this process's stdout and stderr: their lines stream as they are printed. Under this launcher a
 rank's one-line error (a UserError) goes to the error file torch elastic gives each rank (TORCHELASTIC_ERROR_FILE)

@@ -146,8 +146,9 @@ class _Batches:
     crops) the uint8 images' HWC pixels (each image its stored size) in one buffer and their offsets, or
     ("augmented": training on the CPU, where the workers crop too, so the work spreads over them) the cropped,
     resized, flipped images as uint8: each batch crosses to the training process as one tensor. It holds the
-    reader of the training process: a forked worker shares its index, loaded and checked once. A map-style dataset by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset
-    (which adds only `+`), as a base class would load torch when this module is imported."""
+    reader of the training process: a forked worker shares its index, loaded and checked once. A map-style dataset
+    by its __getitem__, as DataLoader takes one; it does not subclass torch's Dataset (which adds only `+`), as a
+    base class would load torch when this module is imported."""
 
     def __init__(self, reader: ShardReader, stage: str, size: int):
         self.reader, self.stage, self.size = reader, stage, size
